@@ -1,0 +1,1 @@
+"""Load generators, benchmarks and autoscaling experiments for serve_app (loopback only)."""

@@ -1,0 +1,53 @@
+"""Real photos for load: the ones that ship inside pip packages, as realistic JPEGs.
+
+skimage's chelsea (a cat), coffee, rocket and astronaut, matplotlib's grace_hopper and
+scikit-learn's china/flower, each resized to 640x480 and JPEG-encoded (quality 90): the size
+of a typical phone upload after client-side downscaling.
+"""
+
+from __future__ import annotations
+
+import io
+from functools import lru_cache
+
+import numpy as np
+from PIL import Image
+
+SIZE = (640, 480)
+
+
+def _sources() -> dict[str, np.ndarray]:
+    from skimage import data
+
+    images = {name: getattr(data, name)() for name in ("chelsea", "coffee", "rocket", "astronaut")}
+    try:
+        import matplotlib.cbook as cbook
+
+        with cbook.get_sample_data("grace_hopper.jpg") as f:
+            images["grace_hopper"] = np.asarray(Image.open(f).convert("RGB"))
+    except Exception:  # matplotlib without its sample data
+        pass
+    try:
+        from sklearn.datasets import load_sample_images
+
+        for name, img in zip(("china", "flower"), load_sample_images().images):
+            images[name] = img
+    except ImportError:
+        pass
+    return images
+
+
+def encode(array: np.ndarray, fmt: str = "JPEG", size: tuple[int, int] | None = SIZE,
+           **save_args) -> bytes:
+    image = Image.fromarray(array).convert("RGB")
+    if size is not None:
+        image = image.resize(size, Image.BILINEAR)
+    buf = io.BytesIO()
+    image.save(buf, fmt, **({"quality": 90} if fmt == "JPEG" else {}), **save_args)
+    return buf.getvalue()
+
+
+@lru_cache(maxsize=None)
+def photos_jpeg() -> tuple[tuple[str, bytes], ...]:
+    """(name, 640x480 JPEG bytes) for every available sample photo."""
+    return tuple((name, encode(img)) for name, img in sorted(_sources().items()))

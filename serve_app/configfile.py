@@ -1,0 +1,69 @@
+"""Serve config files (``configs/*.yaml``): load and check them the way ``serve run`` will.
+
+``python -m serve_app check configs/local.yaml`` runs Ray's own schema, then serve_app's, so a
+mistake is reported before any replica starts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+from ray.serve.schema import ServeDeploySchema
+
+from serve_app.config import AppConfig, ClassifierSettings, ConfigError, parse_app_config, parse_classifier_settings
+
+APP_IMPORT_PATH = "serve_app.app:build_app"
+
+
+def load(path: str | Path) -> dict[str, Any]:
+    with open(path) as f:
+        data = yaml.safe_load(f)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: not a Serve config (expected a mapping at the top level)")
+    return data
+
+
+def deployment_options(app: dict[str, Any], name: str) -> dict[str, Any]:
+    """The ``deployments`` entry called ``name`` in one application ({} when absent)."""
+    for entry in app.get("deployments") or []:
+        if entry.get("name") == name:
+            return entry
+    return {}
+
+
+def check(data: dict[str, Any], source: str = "config") -> list[tuple[str, AppConfig, ClassifierSettings]]:
+    """Validate a whole Serve config; return each serve_app application's parsed settings."""
+    try:
+        schema = ServeDeploySchema.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: Ray rejects this Serve config:\n{exc}") from None
+    parsed = []
+    for app, app_schema in zip(data["applications"], schema.applications):
+        if app_schema.import_path != APP_IMPORT_PATH:
+            continue
+        where = f"{source}: application {app_schema.name!r}"
+        try:
+            settings = parse_app_config(app.get("args"))
+            classifier = deployment_options(app, "Classifier")
+            batching = parse_classifier_settings(classifier.get("user_config"))
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        max_ongoing = classifier.get("max_ongoing_requests", 32)
+        if batching.max_batch_size > max_ongoing:
+            raise ConfigError(
+                f"{where}: Classifier user_config.max_batch_size ({batching.max_batch_size}) is "
+                f"larger than its max_ongoing_requests ({max_ongoing}): batches could never fill.")
+        known = {"Ingress", "Preprocessor", "Classifier"}
+        for entry in app.get("deployments") or []:
+            if entry.get("name") not in known:
+                raise ConfigError(f"{where}: unknown deployment {entry.get('name')!r}; "
+                                  f"serve_app has {sorted(known)}")
+        parsed.append((app_schema.name, settings, batching))
+    return parsed
+
+
+def check_file(path: str | Path) -> list[tuple[str, AppConfig, ClassifierSettings]]:
+    return check(load(path), str(path))

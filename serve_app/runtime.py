@@ -1,0 +1,43 @@
+"""Where a replica runs: its CPU share and its device. Read from Ray's assignment, not guessed."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def assigned_resources() -> dict[str, float]:
+    """The resources Ray reserved for this worker ({} outside Ray)."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return dict(ray.get_runtime_context().get_assigned_resources())
+    except Exception:  # outside an actor, or Ray not started
+        pass
+    return {}
+
+
+def cpu_threads(resources: dict[str, float] | None = None) -> int:
+    """Threads for torch: the integer part of this replica's CPU share, at least 1.
+
+    More threads than the share oversubscribes the node's cores; one probe of two replicas
+    with default threads on 2 cores ran 40x slower than with one thread each.
+    """
+    share = (resources if resources is not None else assigned_resources()).get("CPU", 1.0)
+    return max(1, math.floor(share))
+
+
+def configure_torch_threads(resources: dict[str, float] | None = None) -> int:
+    threads = cpu_threads(resources)
+    torch.set_num_threads(threads)
+    return threads
+
+
+def select_device(resources: dict[str, float] | None = None) -> torch.device:
+    """CUDA when Ray gave this replica a GPU (Ray sets CUDA_VISIBLE_DEVICES), else the CPU."""
+    gpus = (resources if resources is not None else assigned_resources()).get("GPU", 0)
+    if gpus > 0 and torch.cuda.is_available():
+        return torch.device("cuda", 0)
+    return torch.device("cpu")
