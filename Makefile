@@ -32,5 +32,10 @@ test-unit: install
 bench: install
 	$(BIN)/python -m load_tests.bench --config $(CONFIG)
 
+# Regenerate k8s/ (the KubeRay RayServices) from configs/, then check them (docs/kubernetes.md).
+k8s: install
+	$(BIN)/python -m serve_app k8s render
+	$(BIN)/python -m serve_app k8s check
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -13,6 +13,13 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check", help="validate Serve config files (Ray's schema and serve_app's)")
     check.add_argument("configs", nargs="+")
+    sub.add_parser("k8s", add_help=False, help="render | check the KubeRay manifests in k8s/ "
+                   "(python -m serve_app k8s --help)")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["k8s"]:  # its own parser: serve_app.k8s.main
+        from serve_app import k8s as k8s_cli
+
+        return k8s_cli.main(argv[1:])
     args = parser.parse_args(argv)
 
     if args.command == "check":

@@ -28,5 +28,6 @@ def build_app(args: Optional[dict[str, Any]] = None) -> Application:
     settings = parse_app_config(args)
     info = describe(settings.model)
     preprocessor = Preprocessor.bind(info.transform, settings.max_image_pixels)
-    classifier = Classifier.bind(settings.model)
-    return Ingress.bind(preprocessor, classifier, settings, info)
+    classifier = Classifier.bind(settings.model, settings.warmup_iterations)
+    # A plain dict: the ingress then never imports torch (about 340 MiB less per replica).
+    return Ingress.bind(preprocessor, classifier, settings, info.as_dict())

@@ -39,10 +39,11 @@ class Predictor:
         logits = self.model(x.contiguous(memory_format=self.memory_format))
         return logits.float().softmax(dim=-1).cpu()
 
-    def warm_up(self, batch_sizes: list[int]) -> None:
+    def warm_up(self, batch_sizes: list[int], iterations: int = 1) -> None:
         size = self.info.transform.crop_size
         for n in batch_sizes:
-            self.predict(torch.zeros((n, 3, size, size), dtype=torch.uint8))
+            for _ in range(iterations):
+                self.predict(torch.zeros((n, 3, size, size), dtype=torch.uint8))
 
 
 @serve.deployment(
@@ -53,15 +54,17 @@ class Classifier:
     """Model replicas. Requests are batched by ``@serve.batch``; size and wait come from
     ``user_config`` so ``serve deploy`` retunes them without reloading the model."""
 
-    def __init__(self, model: ModelConfig):
+    def __init__(self, model: ModelConfig, warmup_iterations: int = 1):
         resources = assigned_resources()
         self.threads = configure_torch_threads(resources)
         self.predictor = Predictor(model, select_device(resources))
         self.settings = _DEFAULTS
         self._batches = 0
         self._images = 0
+        self._window = [0, 0, 0.0]  # batches, images, busy seconds since the last autoscaling report
+        self._last_stats: dict[str, float] = {}
         started = time.perf_counter()
-        self.predictor.warm_up(sorted({1, _DEFAULTS.max_batch_size}))
+        self.predictor.warm_up(sorted({1, _DEFAULTS.max_batch_size}), warmup_iterations)
         logger.info("Classifier %s on %s (%s, %d threads) warmed up in %.2fs",
                     model.name, self.predictor.device, self.predictor.dtype, self.threads,
                     time.perf_counter() - started)
@@ -75,8 +78,12 @@ class Classifier:
                  batch_wait_timeout_s=_DEFAULTS.batch_wait_timeout_s)
     async def _predict_batch(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
         batch = torch.stack(images)
+        started = time.perf_counter()
         # Off the event loop, so requests keep queueing (and the next batch fills) meanwhile.
         probs = await asyncio.to_thread(self.predictor.predict, batch)
+        self._window[0] += 1
+        self._window[1] += len(images)
+        self._window[2] += time.perf_counter() - started
         self._batches += 1
         self._images += len(images)
         return list(probs)
@@ -89,7 +96,19 @@ class Classifier:
         """Answers only once __init__ (load + warm-up) has finished."""
         return True
 
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Ray's custom autoscaling metrics hook, read by serve_app.autoscaling: the batch size,
+        and the mean fill and forward-pass latency of the batches since the last call (the last
+        known values when none ran, so an idle replica still reports its speed)."""
+        batches, images, busy = self._window
+        self._window = [0, 0, 0.0]
+        if batches:
+            self._last_stats = {"batch_fill": images / batches, "batch_latency_s": busy / batches}
+        return {"max_batch_size": float(self.settings.max_batch_size), **self._last_stats}
+
     def stats(self) -> dict:
-        """Counters since start, for benchmarks: batches run and images classified."""
-        return {"batches": self._batches, "images": self._images, "threads": self.threads,
+        """Counters since start, for benchmarks: batches run and images classified. ``replica``
+        tells replicas apart, so a benchmark can sum counters over all of them."""
+        return {"replica": serve.get_replica_context().replica_id.unique_id,
+                "batches": self._batches, "images": self._images, "threads": self.threads,
                 "device": str(self.predictor.device), **self.settings.model_dump()}

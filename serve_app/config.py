@@ -67,6 +67,9 @@ class AppConfig(_Strict):
     max_batch_files: int = Field(16, ge=1, le=256, description="Most images in one /v1/classify/batch.")
     readiness_timeout_s: float = Field(2.0, gt=0, description="How long /readyz waits for the classifier.")
     request_timeout_s: float = Field(60.0, gt=0, description="Upper bound for one classification.")
+    warmup_iterations: int = Field(1, ge=1, le=1000, description=(
+        "Forward passes per warm-up batch size before a classifier replica reports ready; "
+        "more let cuDNN autotuning or torch.compile settle before traffic arrives."))
 
 
 class ClassifierSettings(_Strict):
@@ -76,11 +79,18 @@ class ClassifierSettings(_Strict):
     batch_wait_timeout_s: float = Field(0.005, ge=0, le=10)
 
 
-def _format(exc: ValidationError, prefix: str) -> str:
+def format_errors(exc: ValidationError, prefix: str) -> str:
+    """One line per error: the dotted key, then why."""
     lines = []
     for err in exc.errors():
         where = ".".join(str(p) for p in err["loc"]) or "(top level)"
         msg = err["msg"]
+        if err["type"] == "value_error":
+            # Cross-field checks phrase their message as "<field>: <why>"; put the field in place.
+            msg = msg.removeprefix("Value error, ")
+            field, sep, why = msg.partition(": ")
+            if sep and field.isidentifier():
+                where, msg = f"{where}.{field}", why
         if err["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; see serve_app/config.py for the valid keys)"
         lines.append(f"  {prefix}{where}: {msg}")
@@ -92,11 +102,11 @@ def parse_app_config(args: Optional[dict[str, Any]]) -> AppConfig:
     try:
         return AppConfig.model_validate(args or {})
     except ValidationError as exc:
-        raise ConfigError("Invalid serve_app application args:\n" + _format(exc, "args.")) from None
+        raise ConfigError("Invalid serve_app application args:\n" + format_errors(exc, "args.")) from None
 
 
 def parse_classifier_settings(user_config: Optional[dict[str, Any]]) -> ClassifierSettings:
     try:
         return ClassifierSettings.model_validate(user_config or {})
     except ValidationError as exc:
-        raise ConfigError("Invalid Classifier user_config:\n" + _format(exc, "user_config.")) from None
+        raise ConfigError("Invalid Classifier user_config:\n" + format_errors(exc, "user_config.")) from None

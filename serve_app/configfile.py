@@ -11,9 +11,17 @@ from typing import Any
 
 import yaml
 from pydantic import ValidationError
-from ray.serve.schema import ServeDeploySchema
+from ray.serve.config import AutoscalingConfig
+from ray.serve.schema import DeploymentSchema, ServeDeploySchema
 
-from serve_app.config import AppConfig, ClassifierSettings, ConfigError, parse_app_config, parse_classifier_settings
+from serve_app.config import (
+    AppConfig,
+    ClassifierSettings,
+    ConfigError,
+    format_errors,
+    parse_app_config,
+    parse_classifier_settings,
+)
 
 APP_IMPORT_PATH = "serve_app.app:build_app"
 
@@ -32,6 +40,28 @@ def deployment_options(app: dict[str, Any], name: str) -> dict[str, Any]:
         if entry.get("name") == name:
             return entry
     return {}
+
+
+def _check_deployment_keys(entry: dict[str, Any], where: str) -> None:
+    """Ray ignores unknown keys in a deployment and its autoscaling_config (so the renamed
+    ``max_concurrent_queries`` or ``target_num_ongoing_requests_per_replica`` silently do
+    nothing); refuse them here, and validate autoscaling_config as Ray will at deploy time."""
+    name = entry.get("name")
+    unknown = sorted(set(entry) - set(DeploymentSchema.model_fields))
+    if unknown:
+        raise ConfigError(f"{where}: deployment {name!r} has unknown keys {unknown} "
+                          "(Ray would ignore them silently)")
+    autoscaling = entry.get("autoscaling_config")
+    if isinstance(autoscaling, dict):
+        unknown = sorted(set(autoscaling) - set(AutoscalingConfig.model_fields))
+        if unknown:
+            raise ConfigError(f"{where}: deployment {name!r} autoscaling_config has unknown keys "
+                              f"{unknown} (Ray would ignore them silently)")
+        try:
+            AutoscalingConfig.model_validate(autoscaling)
+        except ValidationError as exc:
+            raise ConfigError(f"{where}: deployment {name!r}:\n"
+                              + format_errors(exc, "autoscaling_config.")) from None
 
 
 def check(data: dict[str, Any], source: str = "config") -> list[tuple[str, AppConfig, ClassifierSettings]]:
@@ -61,6 +91,7 @@ def check(data: dict[str, Any], source: str = "config") -> list[tuple[str, AppCo
             if entry.get("name") not in known:
                 raise ConfigError(f"{where}: unknown deployment {entry.get('name')!r}; "
                                   f"serve_app has {sorted(known)}")
+            _check_deployment_keys(entry, where)
         parsed.append((app_schema.name, settings, batching))
     return parsed
 

@@ -28,7 +28,6 @@ from serve_app.errors import (
     UnsupportedMediaType,
     find_client_error,
 )
-from serve_app.models import ModelInfo
 
 logger = logging.getLogger("ray.serve")
 
@@ -163,12 +162,12 @@ async def read_body(request: Request, limit: int) -> bytes:
 @serve.ingress(app)
 class Ingress:
     def __init__(self, preprocessor: DeploymentHandle, classifier: DeploymentHandle,
-                 settings: AppConfig, model_info: ModelInfo):
+                 settings: AppConfig, model_info: dict):
         self.preprocessor = preprocessor
         self.classifier = classifier
         self.settings = settings
         self.model_info = model_info
-        self.model_name = model_info.name
+        self.model_name = model_info["name"]
 
     async def _classify_bytes(self, data: bytes, top_k: int) -> list[dict]:
         tensor = self.preprocessor.remote(data)  # a DeploymentResponse, not awaited here
@@ -245,7 +244,7 @@ class Ingress:
 
     @app.get("/v1/models", summary="The served model")
     async def models(self) -> dict:
-        return {"models": [self.model_info.as_dict()]}
+        return {"models": [self.model_info]}
 
     @app.get("/healthz", summary="Liveness: the ingress is up")
     async def healthz(self) -> dict:

@@ -1,0 +1,34 @@
+# The image every pod of k8s/rayservice*.yaml runs: Ray and Python exactly as pinned
+# (pyproject.toml: ray[serve]==2.60.0; Python 3.11), the GPU flavour (CUDA; it runs on CPU
+# nodes too, so the laptop variant uses the same image), serve_app, and the model weights.
+#
+#   docker build -t serve-app:0.1.0-ray2.60.0-py311-gpu .
+#
+# `python -m serve_app k8s check` fails when this FROM line and the pinned Ray disagree.
+# Not built by CI: the CI machine has no container engine.
+FROM rayproject/ray:2.60.0-py311-gpu
+
+# Weights are baked in here, so pods never download at start (and work without egress).
+ENV TORCH_HOME=/home/ray/.cache/torch \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+WORKDIR /home/ray/serve_app
+# The rayproject/ray images run as user ray (uid 1000, group users, gid 100): the same ids the
+# manifests' securityContext asks for.
+COPY --chown=1000:100 . .
+RUN pip install . \
+    && python -m serve_app check configs/gpu.yaml configs/local.yaml
+
+# The models of the two configs k8s/ deploys, loaded once at build time: torchvision weights
+# land in $TORCH_HOME/hub/checkpoints (resnet50 IMAGENET1K_V2 for configs/gpu.yaml); the
+# efficientnet_lite0 weights of configs/local.yaml come with its pip package.
+RUN python -c "\
+from serve_app.configfile import load; \
+from serve_app.config import parse_app_config; \
+from serve_app.models import build_model; \
+[build_model(parse_app_config(app.get('args')).model) \
+ for path in ('configs/gpu.yaml', 'configs/local.yaml') for app in load(path)['applications']]" \
+    && ls -l "$TORCH_HOME/hub/checkpoints"
+
+# KubeRay supplies the command (ray start ...) for every pod.

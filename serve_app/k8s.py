@@ -1,0 +1,725 @@
+"""Kubernetes (KubeRay) manifests for serve_app: generated from ``configs/``, checked here.
+
+    python -m serve_app k8s render    # or: make k8s; rewrites the files under k8s/
+    python -m serve_app k8s check     # stale? KubeRay CRD schema? Serve schema? sizes add up?
+
+One renderer, two generated variants (not Kustomize overlays, so what the tests validate is
+byte for byte what ``kubectl apply -f`` sends):
+
+* ``k8s/rayservice.yaml``: ``configs/gpu.yaml`` on GPU nodes (fractional-GPU classifiers).
+* ``k8s/rayservice-cpu.yaml``: ``configs/local.yaml`` on a laptop cluster (kind, minikube).
+
+Pod CPU comes from the deployments' ``num_cpus``; pod memory from replica footprints measured
+by ``k8s/measure_footprint.py`` (the numbers are in :data:`FOOTPRINTS`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import difflib
+import functools
+import itertools
+import math
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+from serve_app.configfile import deployment_options, load
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON_TAG = "py311"  # the Python of the rayproject/ray base image (Dockerfile)
+IMAGE_NAME = "serve-app"
+GPU_RESOURCE = "nvidia.com/gpu"
+GPUS_PER_POD = 1  # one GPU per GPU pod; fractional classifier replicas share it
+MIB = 1024 * 1024
+# Ray's memory monitor kills workers once a node uses 95% of its memory
+# (RAY_memory_usage_threshold); pods are sized so the measured peaks stay under that line.
+RAY_MEMORY_THRESHOLD = 0.95
+RAY_MIN_OBJECT_STORE_MIB = 75  # ray_constants.OBJECT_STORE_MINIMUM_MEMORY_BYTES
+MEMORY_STEP_MIB = 256  # pods are rounded up to this; the measurements vary by ~60 MiB per run
+SERVE_PORT = 8000
+HEAD_PORTS = {"gcs-server": 6379, "dashboard": 8265, "client": 10001, "serve": SERVE_PORT}
+# The rayproject/ray images run as user "ray" (uid 1000) in group "users" (gid 100).
+RAY_UID, RAY_GID = 1000, 100
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """Peak memory in MiB measured by ``k8s/measure_footprint.py --config CONFIG`` (CPU,
+    2 cores, the highest of 3-5 runs), and the settings it was measured with: a config that
+    changes them fails ``k8s check`` until someone measures again.
+
+    ``shared_libs`` are file-backed pages (torch, ray); a pod's cgroup is charged for them once,
+    however many replicas map them. The rest are private (anonymous) peaks per process.
+    """
+
+    model: str
+    max_batch_size: int
+    max_image_pixels: int
+    shared_libs: float
+    classifier: float  # load_state_dict + warm-up + one max_batch_size batch
+    preprocessor: float  # one RGBA PNG at max_image_pixels (the worst single request)
+    ingress: float  # imports; it holds request bodies besides
+    serve_actor: float  # a Serve controller or proxy process
+    ray_head: float  # GCS, dashboard and its modules, agents, raylet, log monitor (USS)
+    ray_worker: float  # raylet, dashboard agent, runtime-env agent, log monitor (USS)
+
+
+# Measured 2026-11-29 on this repo's CI machine (2 cores, CPU only):
+#   .venv/bin/python k8s/measure_footprint.py --config configs/gpu.yaml    (summary_mib)
+#   .venv/bin/python k8s/measure_footprint.py --config configs/local.yaml
+#   Classifier: resnet50 1021-1071 MiB private at peak over 5 runs (loading holds the weights
+#   twice for a moment; a 32-image batch's activations are ~126 MiB), efficientnet_lite0
+#   577-607. Every replica starts at ~412 MiB private once ray and torch are imported (ray
+#   and ray.serve alone: 71). Preprocessor: peaks of +196 MiB for a 12 MP JPEG, +607 MiB for
+#   a 40 MP JPEG, +968 MiB for a 40 MP RGBA PNG (alpha compositing copies the image).
+#   On a GPU the model and activations move to device memory but CUDA adds host memory of its
+#   own; that is not measured here: run the script with --device cuda on a GPU node.
+FOOTPRINTS: dict[str, Footprint] = {
+    "configs/gpu.yaml": Footprint(
+        model="resnet50", max_batch_size=32, max_image_pixels=40_000_000, shared_libs=574.0,
+        classifier=1070.8, preprocessor=1380.3, ingress=413.8, serve_actor=71.4,
+        ray_head=500.2, ray_worker=168.8),
+    "configs/local.yaml": Footprint(
+        model="efficientnet_lite0", max_batch_size=8, max_image_pixels=40_000_000,
+        shared_libs=573.9, classifier=606.5, preprocessor=1380.2, ingress=413.9,
+        serve_actor=71.4, ray_head=499.6, ray_worker=168.8),
+}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One generated RayService: which Serve config, and the pod shapes around it."""
+
+    name: str
+    config: str
+    output: str
+    cpu_pod_cpus: int  # CPUs of one pod of the CPU worker group
+    head_cpus: int
+    gpu_group: bool
+
+
+VARIANTS = (
+    # 4-CPU pods hold 4 preprocessors or 8 ingress replicas. The head runs GCS, the dashboard
+    # and the Serve controller (autoscaling loop every 0.1 s); a throttled GCS fails every
+    # node's health checks, so it gets 2 whole CPUs on a real cluster, 1 on a laptop.
+    Variant("gpu", "configs/gpu.yaml", "k8s/rayservice.yaml", cpu_pod_cpus=4, head_cpus=2,
+            gpu_group=True),
+    # configs/local.yaml, not gpu.yaml minus its GPUs: resnet50 with 8 classifier and 16
+    # preprocessor replicas of 1 CPU wants 26 CPUs, and local.yaml is what `make run` serves,
+    # so a laptop cluster behaves like the laptop. 1-CPU pods: one classifier (0.8) with an
+    # ingress and a preprocessor (0.1 each) per pod, so scaling to max adds a pod.
+    Variant("cpu", "configs/local.yaml", "k8s/rayservice-cpu.yaml", cpu_pod_cpus=1,
+            head_cpus=1, gpu_group=False),
+)
+
+# The autoscaler sidecar: KubeRay's own default size for it.
+AUTOSCALER_RESOURCES = {"cpu": "500m", "memory": "512Mi"}
+# A GPU pod takes minutes to come back (a multi-GB image on a new node, CUDA init, model
+# load), so the autoscaler keeps an idle pod for 5 minutes: longer than one Serve downscale
+# (downscale_delay_s: 120) so a brief lull does not cost a GPU pod's cold start.
+IDLE_TIMEOUT_S = 300
+
+
+# ---------------------------------------------------------------- reading Serve configs ---
+
+
+@dataclass(frozen=True)
+class Replica:
+    """One deployment's per-replica resources and replica bounds, read from a Serve config."""
+
+    name: str
+    num_cpus: float
+    num_gpus: float
+    min_replicas: int
+    max_replicas: int
+    max_ongoing: int
+
+
+def replicas(config: dict[str, Any]) -> list[Replica]:
+    out = []
+    for app in config["applications"]:
+        for d in app.get("deployments") or []:
+            opts = d.get("ray_actor_options") or {}
+            auto = d.get("autoscaling_config")
+            if auto:
+                low, high = auto.get("min_replicas", 1), auto["max_replicas"]
+            else:
+                low = high = d.get("num_replicas", 1)
+            if "num_cpus" not in opts:
+                raise ValueError(f"deployment {d['name']}: set ray_actor_options.num_cpus; "
+                                 "pods are sized from it")
+            out.append(Replica(d["name"], float(opts["num_cpus"]),
+                               float(opts.get("num_gpus", 0)), int(low), int(high),
+                               int(d.get("max_ongoing_requests", 5))))
+    return out
+
+
+def _args(config: dict[str, Any]) -> dict[str, Any]:
+    return config["applications"][0].get("args") or {}
+
+
+def _crop_bytes(config: dict[str, Any]) -> int:
+    from serve_app.config import parse_app_config
+    from serve_app.models import describe
+
+    crop = describe(parse_app_config(_args(config)).model).transform.crop_size
+    return 3 * crop * crop  # uint8 CHW
+
+
+def _private_mib(fp: Footprint, name: str) -> float:
+    return {"Classifier": fp.classifier, "Preprocessor": fp.preprocessor,
+            "Ingress": fp.ingress}[name]
+
+
+def _store_bytes_per_request(config: dict[str, Any], name: str) -> int:
+    """What one in-flight request of ``name`` keeps in the object store on its node: the
+    preprocessor's input body and output crop, the classifier's input crop. Ingress passes
+    bodies on, and proxy-to-ingress chunks are small enough to travel inline."""
+    crop = _crop_bytes(config)
+    body = int(_args(config).get("max_body_bytes", 10 * MIB))
+    return {"Preprocessor": body + crop, "Classifier": crop, "Ingress": 0}[name]
+
+
+# ------------------------------------------------------------------------ pod arithmetic ---
+
+
+def _worst_packing(items: list[tuple[Replica, float]], cpus: float, gpus: float) -> float:
+    """The largest sum of ``weight`` over any set of replicas that fits one pod's CPUs and GPUs
+    (each deployment at most its max_replicas): the pod's worst case, whatever Ray packs."""
+    ranges = [range(min(r.max_replicas, _fit(r, cpus, gpus)) + 1) for r, _ in items]
+    best = 0.0
+    for counts in itertools.product(*ranges):
+        cpu = sum(n * r.num_cpus for n, (r, _) in zip(counts, items))
+        gpu = sum(n * r.num_gpus for n, (r, _) in zip(counts, items))
+        if cpu <= cpus + 1e-6 and gpu <= gpus + 1e-6:
+            best = max(best, sum(n * w for n, (_, w) in zip(counts, items)))
+    return best
+
+
+def _fit(r: Replica, cpus: float, gpus: float) -> int:
+    """How many replicas of ``r`` one pod holds."""
+    by_cpu = math.floor(cpus / r.num_cpus + 1e-6) if r.num_cpus > 0 else r.max_replicas
+    by_gpu = math.floor(gpus / r.num_gpus + 1e-6) if r.num_gpus > 0 else r.max_replicas
+    return min(by_cpu, by_gpu)
+
+
+def pods_needed(reps: Iterable[tuple[float, float]], cpus: float, gpus: float) -> int:
+    """Pods of (cpus, gpus) that first-fit-decreasing packs these (cpu, gpu) replicas into."""
+    pods: list[list[float]] = []
+    for cpu, gpu in sorted(reps, key=lambda x: (x[1], x[0]), reverse=True):
+        for pod in pods:
+            if pod[0] + 1e-6 >= cpu and pod[1] + 1e-6 >= gpu:
+                pod[0] -= cpu
+                pod[1] -= gpu
+                break
+        else:
+            if cpu > cpus + 1e-6 or gpu > gpus + 1e-6:
+                raise ValueError(f"a replica of {cpu} CPU / {gpu} GPU fits no pod of {cpus}/{gpus}")
+            pods.append([cpus - cpu, gpus - gpu])
+    return len(pods)
+
+
+def _round_up(mib: float) -> int:
+    return int(math.ceil(mib / MEMORY_STEP_MIB) * MEMORY_STEP_MIB)
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    """One Ray node type as Kubernetes sees it."""
+
+    name: str
+    cpus: float
+    gpus: int
+    memory_mib: int
+    object_store_mib: int
+    min_replicas: int
+    max_replicas: int
+
+
+def group_on(r: Replica, gpu_group: bool) -> str:
+    """Where a replica lands: GPU deployments on GPU pods, the rest on CPU pods."""
+    return "gpu" if gpu_group and r.num_gpus > 0 else "cpu"
+
+
+def plan(variant: Variant, config: dict[str, Any], fp: Footprint) -> tuple[GroupPlan, list[GroupPlan]]:
+    """Head and worker groups for ``config``: sized so every deployment's max replicas fit
+    and every pod's memory covers its worst packing of measured replica footprints."""
+    reps = replicas(config)
+    proxies_everywhere = config.get("proxy_location", "EveryNode") == "EveryNode"
+    groups = []
+    names = ["cpu"] + (["gpu"] if variant.gpu_group else [])
+    for name in names:
+        mine = [r for r in reps if group_on(r, variant.gpu_group) == name]
+        gpus = GPUS_PER_POD if name == "gpu" else 0
+        if name == "gpu":
+            # CPUs for as many GPU replicas as fit the pod's GPUs, no more: spare CPUs on a
+            # GPU pod would draw CPU-only replicas onto it.
+            cpus = max(sum(_fit(r, 1e9, gpus) * r.num_cpus for r in mine), 1)
+        else:
+            cpus = variant.cpu_pod_cpus
+        replicas_mib = _worst_packing([(r, _private_mib(fp, r.name)) for r in mine], cpus, gpus)
+        store_bytes = _worst_packing(
+            [(r, r.max_ongoing * _store_bytes_per_request(config, r.name)) for r in mine],
+            cpus, gpus)
+        store_mib = max(RAY_MIN_OBJECT_STORE_MIB, int(math.ceil(store_bytes / MIB)))
+        processes = fp.shared_libs + replicas_mib + fp.ray_worker + (
+            fp.serve_actor if proxies_everywhere else 0)
+        memory = _round_up((processes + store_mib) / RAY_MEMORY_THRESHOLD)
+
+        def count(attr: str) -> int:
+            return pods_needed([(r.num_cpus, r.num_gpus) for r in mine
+                                for _ in range(getattr(r, attr))], cpus, gpus)
+
+        groups.append(GroupPlan(name, cpus, gpus, memory, store_mib, max(count("min_replicas"), 1),
+                                max(count("max_replicas"), 1)))
+    # The head: Ray's own processes, the Serve controller and a proxy, and the one-shot task
+    # that imports the app (serve_app + torch) to build it; no replicas (num-cpus: 0).
+    head_processes = fp.ray_head + 2 * fp.serve_actor + fp.shared_libs + fp.ingress
+    head_store = RAY_MIN_OBJECT_STORE_MIB
+    head = GroupPlan("head", variant.head_cpus, 0,
+                     _round_up((head_processes + head_store) / RAY_MEMORY_THRESHOLD),
+                     head_store, 1, 1)
+    return head, groups
+
+
+# --------------------------------------------------------------------------- rendering ---
+
+
+def pinned_ray_version(root: Path = ROOT) -> str:
+    """The Ray version pyproject.toml pins (``ray[serve]==X``): what the image and rayVersion use."""
+    text = (root / "pyproject.toml").read_text()
+    match = re.search(r'"ray(?:\[[^\]]*\])?==([0-9][^"]*)"', text)
+    if not match:
+        raise ValueError("pyproject.toml does not pin ray (ray[serve]==X.Y.Z)")
+    return match.group(1)
+
+
+def default_image(root: Path = ROOT) -> str:
+    """The image the Dockerfile builds, tagged with the Ray and Python it is based on."""
+    version = re.search(r'^version = "([^"]+)"', (root / "pyproject.toml").read_text(), re.M)
+    return f"{IMAGE_NAME}:{version.group(1)}-ray{pinned_ray_version(root)}-{PYTHON_TAG}-gpu"
+
+
+def base_image(root: Path = ROOT) -> str:
+    return f"rayproject/ray:{pinned_ray_version(root)}-{PYTHON_TAG}-gpu"
+
+
+def serve_config(variant: Variant, root: Path = ROOT) -> dict[str, Any]:
+    """The Serve config a variant deploys: its config file, with the two settings Kubernetes
+    needs (configs/gpu.yaml has both already, so it is deployed exactly as written):
+
+    * proxies listen on all interfaces: a Service cannot reach 127.0.0.1 inside a pod;
+    * a proxy on every node: KubeRay's readiness probe on worker pods asks the local proxy,
+      so with HeadOnly every worker stays NotReady (kuberay#4994).
+    """
+    config = load(root / variant.config)
+    http = config.get("http_options") or {}
+    if http.get("host", "0.0.0.0") != "0.0.0.0":  # Serve's default is 0.0.0.0
+        http["host"] = "0.0.0.0"
+    if config.get("proxy_location") == "HeadOnly":
+        config["proxy_location"] = "EveryNode"
+    return config
+
+
+def _memory(mib: int) -> str:
+    return f"{mib // 1024}Gi" if mib % 1024 == 0 else f"{mib}Mi"
+
+
+def _container_security() -> dict[str, Any]:
+    return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
+            "runAsNonRoot": True}
+
+
+def _pod(group: GroupPlan, image: str, container: str, ports: dict[str, int],
+         extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    resources = {"cpu": _cpu(group.cpus), "memory": _memory(group.memory_mib)}
+    if group.gpus:
+        resources[GPU_RESOURCE] = group.gpus
+    spec: dict[str, Any] = {
+        "securityContext": {"runAsNonRoot": True, "runAsUser": RAY_UID, "runAsGroup": RAY_GID,
+                            "fsGroup": RAY_GID, "seccompProfile": {"type": "RuntimeDefault"}},
+        "containers": [{
+            "name": container,
+            "image": image,
+            "imagePullPolicy": "IfNotPresent",
+            "ports": [{"name": n, "containerPort": p} for n, p in ports.items()],
+            "resources": {"requests": dict(resources), "limits": dict(resources)},
+            "securityContext": _container_security(),
+            "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
+        }],
+        # The object store lives in /dev/shm (the container runtime's default is 64 MiB);
+        # Ray falls back to slow /tmp unless /dev/shm has object-store-memory free, so it gets
+        # the store rounded up. Pages count against the pod's memory only once written.
+        "volumes": [{"name": "dshm", "emptyDir": {
+            "medium": "Memory", "sizeLimit": _memory(_round_up(group.object_store_mib))}}],
+    }
+    spec.update(extra or {})
+    return {"spec": spec}
+
+
+def _cpu(cpus: float) -> str:
+    return str(int(cpus)) if float(cpus).is_integer() else f"{int(round(cpus * 1000))}m"
+
+
+def manifest(variant: Variant, root: Path = ROOT, image: str | None = None) -> dict[str, Any]:
+    """The RayService for ``variant``, as a dict."""
+    config = serve_config(variant, root)
+    fp = FOOTPRINTS[variant.config]
+    head, groups = plan(variant, config, fp)
+    image = image or default_image(root)
+    port = (config.get("http_options") or {}).get("port", SERVE_PORT)
+    head_ports = dict(HEAD_PORTS, serve=port)
+    workers = []
+    for g in groups:
+        extra = None
+        if g.gpus:
+            extra = {"tolerations": [{"key": GPU_RESOURCE, "operator": "Exists",
+                                      "effect": "NoSchedule"}],
+                     "nodeSelector": {"nvidia.com/gpu.present": "true"}}
+        workers.append({
+            "groupName": g.name,
+            "replicas": g.min_replicas,
+            "minReplicas": g.min_replicas,
+            "maxReplicas": g.max_replicas,
+            "rayStartParams": {"object-store-memory": str(g.object_store_mib * MIB)},
+            "template": _pod(g, image, "ray-worker", {"serve": port}, extra),
+        })
+    name = "serve-app" if variant.name == "gpu" else f"serve-app-{variant.name}"
+    return {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayService",
+        "metadata": {"name": name, "labels": {"app.kubernetes.io/name": "serve-app",
+                                              "app.kubernetes.io/component": variant.name}},
+        "spec": {
+            # A rayClusterConfig change brings up a whole new cluster and switches traffic once
+            # its Serve apps are healthy; a serveConfigV2-only change updates in place.
+            "upgradeStrategy": {"type": "NewCluster"},
+            # With a proxy on every node, keep HTTP off the head: it runs the control plane.
+            "excludeHeadPodFromServeSvc": config.get("proxy_location", "EveryNode") == "EveryNode",
+            "serveConfigV2": yaml.safe_dump(config, sort_keys=False, width=100),
+            "rayClusterConfig": {
+                "rayVersion": pinned_ray_version(root),
+                "enableInTreeAutoscaling": True,
+                "autoscalerOptions": {
+                    "upscalingMode": "Default",
+                    "idleTimeoutSeconds": IDLE_TIMEOUT_S,
+                    "imagePullPolicy": "IfNotPresent",
+                    "resources": {"requests": dict(AUTOSCALER_RESOURCES),
+                                  "limits": dict(AUTOSCALER_RESOURCES)},
+                    "securityContext": _container_security(),
+                },
+                "headGroupSpec": {
+                    "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0",
+                                       "object-store-memory": str(head.object_store_mib * MIB)},
+                    "template": _pod(head, image, "ray-head", head_ports),
+                },
+                "workerGroupSpecs": workers,
+            },
+        },
+    }
+
+
+class _Dumper(yaml.SafeDumper):
+    pass
+
+
+def _str(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_Dumper.add_representer(str, _str)
+
+
+def render(root: Path = ROOT, image: str | None = None) -> dict[str, str]:
+    """Every generated file under k8s/: relative path -> text."""
+    out = {}
+    for v in VARIANTS:
+        header = (f"# GENERATED from {v.config} by `make k8s` (python -m serve_app k8s render).\n"
+                  f"# Do not edit: change {v.config} or serve_app/k8s.py and regenerate.\n"
+                  f"# kubectl apply -f {v.output}    (docs/kubernetes.md)\n")
+        out[v.output] = header + yaml.dump(manifest(v, root, image), Dumper=_Dumper,
+                                           sort_keys=False, width=100)
+    return out
+
+
+def write(root: Path = ROOT, out_dir: Path | None = None, image: str | None = None) -> list[Path]:
+    written = []
+    for rel, text in render(root, image).items():
+        path = (out_dir / Path(rel).name) if out_dir else root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        written.append(path)
+    return written
+
+
+# ----------------------------------------------------------------------------- checking ---
+
+
+def stale(root: Path = ROOT) -> list[str]:
+    """Files under k8s/ that differ from a fresh render (with the first lines of the diff)."""
+    problems = []
+    for rel, text in render(root).items():
+        path = root / rel
+        current = path.read_text() if path.exists() else ""
+        if current != text:
+            diff = list(difflib.unified_diff(current.splitlines(), text.splitlines(),
+                                             f"{rel} (on disk)", f"{rel} (rendered)", lineterm=""))
+            problems.append(f"{rel} is out of date with its config: run `make k8s`\n"
+                            + "\n".join(diff[:40]))
+    return problems
+
+
+def crd_schema(crd_dir: Path, kind: str = "RayService") -> dict[str, Any]:
+    """The v1 openAPIV3Schema of KubeRay's CRD for ``kind``, made strict like ``kubectl apply``
+    (--validate=strict, the default): unknown fields are errors, not silently pruned.
+
+    Int-or-string fields (``x-kubernetes-int-or-string``, e.g. resource quantities: "1" or 1)
+    accept both; the CRD spells that as anyOf, which is added where it is missing.
+    """
+    return copy.deepcopy(_crd_schema(str(Path(crd_dir).resolve()), kind))
+
+
+@functools.lru_cache(maxsize=4)
+def _crd_schema(crd_dir: str, kind: str) -> dict[str, Any]:
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # 1 MB of YAML: 0.2 s instead of 6
+    for path in sorted(Path(crd_dir).glob("*.yaml")):
+        crd = yaml.load(path.read_text(), Loader=loader)
+        if (isinstance(crd, dict) and crd.get("kind") == "CustomResourceDefinition"
+                and crd["spec"]["names"]["kind"] == kind):
+            version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
+            return _strict(version["schema"]["openAPIV3Schema"])
+    raise FileNotFoundError(f"no CustomResourceDefinition for {kind} in {crd_dir}")
+
+
+def _strict(node: Any) -> Any:
+    if isinstance(node, dict):
+        if node.get("x-kubernetes-int-or-string") and "anyOf" not in node:
+            node.pop("type", None)
+            node["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+        if ("properties" in node and "additionalProperties" not in node
+                and not node.get("x-kubernetes-preserve-unknown-fields")):
+            node["additionalProperties"] = False
+        for value in node.values():
+            _strict(value)
+    elif isinstance(node, list):
+        for value in node:
+            _strict(value)
+    return node
+
+
+def schema_errors(doc: dict[str, Any], crd_dir: Path) -> list[str]:
+    """Where ``doc`` breaks the CRD schema (jsonschema; CEL rules are not evaluated)."""
+    import jsonschema
+
+    schema = _crd_schema(str(Path(crd_dir).resolve()), doc.get("kind", "RayService"))
+    validator = jsonschema.Draft7Validator(schema)
+    return [f"{'/'.join(str(p) for p in e.absolute_path) or '(top)'}: {e.message}"
+            for e in sorted(validator.iter_errors(doc), key=lambda e: list(map(str, e.path)))]
+
+
+def quantity(value: Any) -> float:
+    """A Kubernetes quantity ("500m", "4", 2, "8Gi", "512Mi") as a number (CPUs or bytes)."""
+    text = str(value)
+    units = {"m": 1e-3, "Ki": 1024, "Mi": 1024 ** 2, "Gi": 1024 ** 3, "Ti": 1024 ** 4,
+             "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
+    for suffix in sorted(units, key=len, reverse=True):
+        if text.endswith(suffix):
+            return float(text[: -len(suffix)]) * units[suffix]
+    return float(text)
+
+
+def _containers(doc: dict[str, Any]) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+    """(group, pod spec, ray container) for the head and each worker group."""
+    cluster = doc["spec"]["rayClusterConfig"]
+    groups = [("head", cluster["headGroupSpec"])] + [
+        (g["groupName"], g) for g in cluster.get("workerGroupSpecs") or []]
+    return [(name, g["template"]["spec"], g["template"]["spec"]["containers"][0])
+            for name, g in groups]
+
+
+def consistency_errors(doc: dict[str, Any], variant: Variant, root: Path = ROOT) -> list[str]:
+    """What KubeRay's schema cannot see: versions, resources against the Serve config's
+    replicas and the measured footprints, GPU scheduling, the object store, security."""
+    errors: list[str] = []
+    spec, cluster = doc["spec"], doc["spec"]["rayClusterConfig"]
+    ray_version = pinned_ray_version(root)
+
+    config = yaml.safe_load(spec["serveConfigV2"])
+    expected = serve_config(variant, root)
+    if config != expected:
+        errors.append(f"serveConfigV2 is not the Serve config of {variant.config} "
+                      "(host 0.0.0.0, proxies on every node): regenerate with `make k8s`")
+    if not isinstance(config, dict) or not config.get("applications"):
+        return errors + ["serveConfigV2 has no applications"]
+    from serve_app.config import ConfigError
+    from serve_app.configfile import check
+
+    try:
+        check(config, f"{variant.output}: serveConfigV2")
+    except ConfigError as exc:
+        errors.append(str(exc))
+    host = (config.get("http_options") or {}).get("host", "0.0.0.0")
+    if host != "0.0.0.0":
+        errors.append(f"serveConfigV2 http_options.host is {host}: a Service cannot reach it")
+    if config.get("proxy_location") == "HeadOnly":
+        errors.append("proxy_location HeadOnly: KubeRay's readiness probe keeps every worker "
+                      "pod NotReady without a local proxy (kuberay#4994); use EveryNode")
+
+    if cluster.get("rayVersion") != ray_version:
+        errors.append(f"rayVersion {cluster.get('rayVersion')} is not the pinned Ray {ray_version}")
+    dockerfile = root / "Dockerfile"
+    froms = re.findall(r"^FROM\s+(\S+)", dockerfile.read_text(), re.M) if dockerfile.exists() else []
+    if froms[:1] != [base_image(root)]:
+        errors.append(f"Dockerfile is not FROM {base_image(root)} (found {froms[:1]})")
+
+    fp = FOOTPRINTS.get(variant.config)
+    settings = _args(config)
+    classifier = deployment_options(config["applications"][0], "Classifier")
+    measured = (settings.get("model", {}).get("name"), settings.get("max_image_pixels"),
+                (classifier.get("user_config") or {}).get("max_batch_size"))
+    if fp is None or measured != (fp.model, fp.max_image_pixels, fp.max_batch_size):
+        errors.append(f"{variant.config} now serves {measured} (model, max_image_pixels, "
+                      f"max_batch_size) but pods are sized for {fp and (fp.model, fp.max_image_pixels, fp.max_batch_size)}: "
+                      f"run k8s/measure_footprint.py --config {variant.config} and update FOOTPRINTS")
+        return errors
+
+    head_params = cluster["headGroupSpec"].get("rayStartParams") or {}
+    if str(head_params.get("num-cpus")) != "0":
+        errors.append('the head must take no replicas: rayStartParams num-cpus: "0"')
+    if not cluster.get("enableInTreeAutoscaling"):
+        errors.append("enableInTreeAutoscaling is off: Serve replicas would never get new pods")
+    auto = cluster.get("autoscalerOptions") or {}
+    for key in ("idleTimeoutSeconds", "upscalingMode", "resources"):
+        if key not in auto:
+            errors.append(f"autoscalerOptions.{key} is not set")
+
+    pods: dict[str, dict[str, float]] = {}
+    for name, pod, container in _containers(doc):
+        image = container.get("image", "")
+        if f"ray{ray_version}-{PYTHON_TAG}" not in image.rsplit(":", 1)[-1]:
+            errors.append(f"{name}: image {image} is not tagged for Ray {ray_version} / {PYTHON_TAG}")
+        res = container.get("resources") or {}
+        requests, limits = res.get("requests") or {}, res.get("limits") or {}
+        for key in ("cpu", "memory"):
+            if key not in limits or quantity(requests.get(key, -1)) != quantity(limits[key]):
+                errors.append(f"{name}: {key} requests must equal limits (Guaranteed QoS)")
+        if not (pod.get("securityContext") or {}).get("runAsNonRoot"):
+            errors.append(f"{name}: pod securityContext must set runAsNonRoot")
+        for probe in ("readinessProbe", "livenessProbe"):
+            if probe in container:
+                errors.append(f"{name}: {probe} is KubeRay's to inject; remove it")
+        shm = [v for v in pod.get("volumes") or []
+               if (v.get("emptyDir") or {}).get("medium") == "Memory"]
+        mounted = {m["name"] for m in container.get("volumeMounts") or [] if m["mountPath"] == "/dev/shm"}
+        params = (cluster["headGroupSpec"] if name == "head" else next(
+            g for g in cluster["workerGroupSpecs"] if g["groupName"] == name)).get("rayStartParams") or {}
+        store = float(params.get("object-store-memory", 0))
+        if not any(v["name"] in mounted and quantity(v["emptyDir"].get("sizeLimit", 0)) >= store
+                   for v in shm):
+            errors.append(f"{name}: /dev/shm must be a memory-backed emptyDir at least as large "
+                          "as object-store-memory")
+        ports = {p.get("name"): p["containerPort"] for p in container.get("ports") or []}
+        if name == "head" and ports.get("serve") != (config.get("http_options") or {}).get("port", SERVE_PORT):
+            errors.append("head: container port 'serve' must be the Serve HTTP port")
+        pods[name] = {"cpu": quantity(limits.get("cpu", 0)), "memory": quantity(limits.get("memory", 0)),
+                      "gpu": quantity(limits.get(GPU_RESOURCE, 0)), "store": store}
+
+    try:
+        reps = replicas(config)
+        head_plan, plans = plan(variant, config, fp)
+    except ValueError as exc:
+        return errors + [str(exc)]
+    workers = {g["groupName"]: g for g in cluster.get("workerGroupSpecs") or []}
+    for p in [head_plan, *plans]:
+        if p.name not in pods:
+            errors.append(f"no worker group {p.name!r}")
+            continue
+        have = pods[p.name]
+        if have["memory"] < p.memory_mib * MIB:
+            errors.append(f"{p.name}: memory {have['memory'] / MIB:.0f} MiB is below the worst "
+                          f"packing of measured footprints ({p.memory_mib} MiB)")
+        if p.name == "head":
+            continue
+        group = workers[p.name]
+        if not group["minReplicas"] <= group.get("replicas", group["minReplicas"]) <= group["maxReplicas"]:
+            errors.append(f"{p.name}: replicas must lie within [minReplicas, maxReplicas]")
+        mine = [r for r in reps if group_on(r, variant.gpu_group) == p.name]
+        if p.name == "gpu":
+            gpus = sum(r.num_gpus * r.max_replicas for r in mine)
+            if gpus > group["maxReplicas"] * have["gpu"] + 1e-6:
+                errors.append(f"gpu: max replicas need {gpus:g} GPUs; the group has at most "
+                              f"{group['maxReplicas']} pods x {have['gpu']:g}")
+            tol = [t for t in pod_spec(group).get("tolerations") or [] if t.get("key") == GPU_RESOURCE]
+            if not tol:
+                errors.append(f"gpu: no toleration for the {GPU_RESOURCE} taint")
+            if not pod_spec(group).get("nodeSelector"):
+                errors.append("gpu: no nodeSelector for GPU nodes")
+            for r in mine:
+                per_pod = _fit(r, 1e9, have["gpu"])
+                if per_pod * r.num_cpus > have["cpu"] + 1e-6:
+                    errors.append(f"gpu: {per_pod} {r.name} replicas share a pod's GPUs but need "
+                                  f"{per_pod * r.num_cpus:g} CPUs; the pod has {have['cpu']:g}")
+        try:
+            need = pods_needed([(r.num_cpus, r.num_gpus) for r in mine for _ in range(r.max_replicas)],
+                               have["cpu"], have["gpu"])
+        except ValueError as exc:
+            errors.append(f"{p.name}: {exc}")
+            continue
+        if need > group["maxReplicas"]:
+            errors.append(f"{p.name}: max replicas of {[r.name for r in mine]} need {need} pods "
+                          f"of {have['cpu']:g} CPUs; maxReplicas is {group['maxReplicas']}")
+    return errors
+
+
+def pod_spec(group: dict[str, Any]) -> dict[str, Any]:
+    return group["template"]["spec"]
+
+
+def check(root: Path = ROOT, crd_dir: Path | None = None) -> list[str]:
+    """Every problem with the checked-in manifests; CRD validation only with ``crd_dir``."""
+    problems = stale(root)
+    for v in VARIANTS:
+        path = root / v.output
+        if not path.exists():
+            continue
+        doc = yaml.safe_load(path.read_text())
+        problems += [f"{v.output}: {e}" for e in consistency_errors(doc, v, root)]
+        if crd_dir is not None:
+            problems += [f"{v.output}: CRD schema: {e}" for e in schema_errors(doc, crd_dir)]
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m serve_app k8s",
+                                     description="Render or check the KubeRay manifests in k8s/.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("render", help="regenerate k8s/ from configs/")
+    r.add_argument("--image", help=f"image for every pod (default {default_image()})")
+    r.add_argument("--out", type=Path, help="write here instead of k8s/ (e.g. for --image)")
+    c = sub.add_parser("check", help="k8s/ up to date, consistent, and valid for KubeRay's CRDs")
+    c.add_argument("--crd-dir", type=Path, default=os.environ.get("KUBERAY_CRD_DIR") or None,
+                   help="KubeRay CRD YAMLs (default $KUBERAY_CRD_DIR; skipped when unset)")
+    args = parser.parse_args(argv)
+    if args.command == "render":
+        for path in write(ROOT, args.out, args.image):
+            print(f"wrote {path}")
+        return 0
+    problems = check(ROOT, args.crd_dir)
+    for p in problems:
+        print(p, file=sys.stderr)
+    if not problems:
+        where = f"CRD schema from {args.crd_dir}" if args.crd_dir else "no CRD schema (KUBERAY_CRD_DIR unset)"
+        print(f"k8s: ok ({', '.join(v.output for v in VARIANTS)}; {where})")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""A real Serve cluster on loopback, started from configs/local.yaml by `serve run`.
+
+Besides the default application at "/", the test config adds two small applications to the
+same cluster (one cluster start instead of three):
+- "/exact": resnet18 with random weights, to prove the served scores equal an in-process
+  forward for a torchvision model;
+- "/mobilenet": mobilenet_v2 with the real weights file named by
+  SERVE_APP_TEST_MOBILENET_V2_WEIGHTS (added only when that variable is set).
+"""
+
+import copy
+import os
+
+import httpx
+import pytest
+
+from serve_app.launch import ServeProcess
+from tests.conftest import CONFIGS
+
+MOBILENET_ENV = "SERVE_APP_TEST_MOBILENET_V2_WEIGHTS"
+
+
+def _small_app(base: dict, name: str, model: dict) -> dict:
+    app = copy.deepcopy(base)
+    app.update(name=name, route_prefix=f"/{name}", args={**app["args"], "model": model})
+    for entry in app["deployments"]:
+        entry.pop("autoscaling_config", None)
+        entry["num_replicas"] = 1
+        entry["ray_actor_options"] = {"num_cpus": 0.3 if entry["name"] == "Classifier" else 0.05}
+    return app
+
+
+def _add_test_apps(config: dict) -> None:
+    base = config["applications"][0]
+    config["applications"].append(_small_app(base, "exact", {"name": "resnet18", "weights": None}))
+    if os.environ.get(MOBILENET_ENV):
+        config["applications"].append(_small_app(
+            base, "mobilenet", {"name": "mobilenet_v2", "weights_path": f"${MOBILENET_ENV}"}))
+
+
+@pytest.fixture(scope="package")
+def service():
+    svc = ServeProcess(CONFIGS / "local.yaml", edit=_add_test_apps)
+    with svc:
+        for app in svc.config["applications"][1:]:
+            svc.wait_ready(f"{app['route_prefix']}/readyz", timeout_s=180)
+        yield svc
+
+
+@pytest.fixture
+def client(service):
+    with httpx.Client(base_url=service.url, timeout=60) as c:
+        yield c

@@ -1,0 +1,128 @@
+"""Config validation: every mistake names its key; both shipped configs are valid."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+from ray.serve.schema import ServeDeploySchema
+
+from serve_app import configfile
+from serve_app.__main__ import main as cli
+from serve_app.config import ConfigError, parse_app_config, parse_classifier_settings
+
+CONFIGS = sorted(Path(__file__).resolve().parents[2].joinpath("configs").glob("*.yaml"))
+
+
+def test_defaults_serve_the_offline_model():
+    cfg = parse_app_config({})
+    assert cfg.model.name == "efficientnet_lite0" and cfg.model.weights == "DEFAULT"
+    assert cfg.top_k_default == 5 and cfg.max_body_bytes == 10 * 1024 * 1024
+
+
+@pytest.mark.parametrize("args,key,why", [
+    ({"top_k_defualt": 3}, "args.top_k_defualt", "unknown key"),
+    ({"model": {"nmae": "resnet18"}}, "args.model.nmae", "unknown key"),
+    ({"top_k_default": 0}, "args.top_k_default", "greater than or equal to 1"),
+    ({"top_k_default": 21}, "args.top_k_default", "less than or equal to 20"),
+    ({"max_body_bytes": "lots"}, "args.max_body_bytes", "valid integer"),
+    ({"model": {"name": "resnet9000"}}, "args.model.name", "unknown model 'resnet9000'"),
+    ({"model": {"name": "resnet50", "weights": "IMAGENET1K_V9"}}, "args.model.weights",
+     "IMAGENET1K_V9"),
+    ({"model": {"name": "efficientnet_lite0", "weights": "IMAGENET1K_V1"}}, "args.model.weights",
+     "only DEFAULT"),
+    ({"model": {"weights_path": "/nonexistent/w.pth"}}, "args.model.weights_path", "no such file"),
+    ({"model": {"dtype": "float8"}}, "args.model.dtype", "float32"),
+])
+def test_bad_args_name_the_key(args, key, why):
+    with pytest.raises(ConfigError) as info:
+        parse_app_config(args)
+    message = str(info.value)
+    assert f"{key}:" in message and why in message, message
+
+
+def test_weights_path_expands_environment_variables(tmp_path, monkeypatch):
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"")
+    monkeypatch.setenv("MY_WEIGHTS_DIR", str(tmp_path))
+    cfg = parse_app_config({"model": {"name": "resnet18", "weights_path": "$MY_WEIGHTS_DIR/w.pth"}})
+    assert cfg.model.weights_path == str(weights)
+    monkeypatch.delenv("MY_WEIGHTS_DIR")
+    with pytest.raises(ConfigError, match="args.model.weights_path: .*unset environment variable"):
+        parse_app_config({"model": {"weights_path": "$MY_WEIGHTS_DIR/w.pth"}})
+
+
+def test_classifier_user_config_is_validated():
+    assert parse_classifier_settings({"max_batch_size": 16}).max_batch_size == 16
+    with pytest.raises(ConfigError, match="user_config.max_batch_sise: unknown key"):
+        parse_classifier_settings({"max_batch_sise": 16})
+    with pytest.raises(ConfigError, match="user_config.batch_wait_timeout_s"):
+        parse_classifier_settings({"batch_wait_timeout_s": -1})
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_validate_with_ray_and_serve_app(path):
+    data = yaml.safe_load(path.read_text())
+    ServeDeploySchema.model_validate(data)
+    apps = configfile.check(data, path.name)
+    assert apps, f"{path.name} holds no serve_app application"
+    for app in data["applications"]:
+        for deployment in app["deployments"]:
+            # Every deployment autoscales; old option names are dropped silently by Ray 2.60.
+            assert "autoscaling_config" in deployment, (path.name, deployment["name"])
+            assert "num_replicas" not in deployment
+            for old in ("target_num_ongoing_requests_per_replica", "max_concurrent_queries"):
+                assert old not in yaml.safe_dump(deployment)
+
+
+def test_gpu_config_runs_the_classifier_on_fractional_gpus():
+    data = configfile.load(Path(CONFIGS[0]).with_name("gpu.yaml"))
+    app = data["applications"][0]
+    classifier = configfile.deployment_options(app, "Classifier")
+    assert 0 < classifier["ray_actor_options"]["num_gpus"] < 1
+    assert "num_gpus" not in configfile.deployment_options(app, "Preprocessor").get(
+        "ray_actor_options", {})
+    assert app["args"]["model"]["name"] == "resnet50"
+
+
+def _local_config() -> dict:
+    return configfile.load(Path(CONFIGS[0]).with_name("local.yaml"))
+
+
+def test_batches_that_cannot_fill_are_refused():
+    data = _local_config()
+    classifier = configfile.deployment_options(data["applications"][0], "Classifier")
+    classifier["user_config"]["max_batch_size"] = 64
+    classifier["max_ongoing_requests"] = 8
+    with pytest.raises(ConfigError, match="batches could never fill"):
+        configfile.check(data)
+
+
+def test_unknown_deployment_and_ray_schema_errors_are_reported():
+    data = _local_config()
+    data["applications"][0]["deployments"].append({"name": "Clasifier", "num_replicas": 2})
+    with pytest.raises(ConfigError, match="unknown deployment 'Clasifier'"):
+        configfile.check(data)
+    data = _local_config()
+    data["applications"][0]["deployments"][0]["autoscaling_config"]["min_replicas"] = -1
+    with pytest.raises(ConfigError, match="autoscaling_config.min_replicas: Input should be greater than or equal to 0"):
+        configfile.check(data)
+
+
+@pytest.mark.parametrize("where,key", [("deployment", "max_concurrent_queries"),
+                                       ("autoscaling", "target_num_ongoing_requests_per_replica")])
+def test_option_names_ray_would_drop_silently_are_refused(where, key):
+    data = _local_config()
+    entry = data["applications"][0]["deployments"][2]
+    (entry if where == "deployment" else entry["autoscaling_config"])[key] = 4
+    with pytest.raises(ConfigError, match=f"unknown keys \\['{key}'\\]"):
+        configfile.check(data)
+
+
+def test_check_command_exit_codes(tmp_path, capsys):
+    assert cli(["check", *map(str, CONFIGS)]) == 0
+    bad = _local_config()
+    bad["applications"][0]["args"]["top_k_defualt"] = 3
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(bad))
+    assert cli(["check", str(path)]) == 1
+    assert "args.top_k_defualt: unknown key" in capsys.readouterr().err

@@ -1,0 +1,278 @@
+"""k8s/: generated from configs/, valid for KubeRay's CRD, consistent with the Serve configs.
+
+No cluster: these load YAML, render, diff, and validate with jsonschema and Ray's own schema.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from ray.serve.schema import ServeDeploySchema
+
+from serve_app import configfile, k8s
+from serve_app.__main__ import main as cli
+
+ROOT = Path(__file__).resolve().parents[2]
+GPU, CPU = k8s.VARIANTS
+CRD_DIR = os.environ.get("KUBERAY_CRD_DIR")
+needs_crds = pytest.mark.skipif(
+    not CRD_DIR, reason="KUBERAY_CRD_DIR is unset: KubeRay's CRD YAMLs are needed to validate "
+                        "k8s/ against its schema (.ci/run sets it to ../shared/kuberay)")
+
+
+def doc(variant: k8s.Variant) -> dict:
+    return yaml.safe_load((ROOT / variant.output).read_text())
+
+
+def copy_repo(tmp_path: Path) -> Path:
+    """What rendering and checking read, in a scratch copy that a test may break."""
+    for rel in ["pyproject.toml", "Dockerfile", GPU.config, CPU.config, GPU.output, CPU.output]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / rel, tmp_path / rel)
+    return tmp_path
+
+
+def worker(d: dict, name: str) -> dict:
+    return next(g for g in d["spec"]["rayClusterConfig"]["workerGroupSpecs"] if g["groupName"] == name)
+
+
+def ray_container(group: dict) -> dict:
+    return group["template"]["spec"]["containers"][0]
+
+
+# ---- drift --------------------------------------------------------------------------------
+
+
+def test_k8s_is_up_to_date_with_configs():
+    problems = k8s.stale(ROOT)
+    assert not problems, "\n".join(problems)
+
+
+def test_a_config_change_without_make_k8s_is_caught(tmp_path):
+    root = copy_repo(tmp_path)
+    path = root / GPU.config
+    path.write_text(path.read_text().replace("max_replicas: 8", "max_replicas: 12"))
+    problems = k8s.stale(root)
+    assert len(problems) == 1 and problems[0].startswith(f"{GPU.output} is out of date")
+    assert "+          max_replicas: 12" in problems[0]
+    k8s.write(root)
+    assert k8s.stale(root) == []
+
+
+def test_render_is_deterministic_and_every_file_says_it_is_generated():
+    first, second = k8s.render(ROOT), k8s.render(ROOT)
+    assert first == second and set(first) == {GPU.output, CPU.output}
+    for text in first.values():
+        assert text.startswith("# GENERATED from configs/")
+
+
+# ---- serveConfigV2 ------------------------------------------------------------------------
+
+
+def test_gpu_serve_config_is_exactly_gpu_yaml_and_valid_for_ray_and_serve_app():
+    serve = yaml.safe_load(doc(GPU)["spec"]["serveConfigV2"])
+    assert serve == configfile.load(ROOT / "configs/gpu.yaml")
+    ServeDeploySchema.model_validate(serve)
+    [(name, settings, batching)] = configfile.check(serve, "serveConfigV2")
+    assert settings.model.name == "resnet50" and batching.max_batch_size == 32
+    classifier = configfile.deployment_options(serve["applications"][0], "Classifier")
+    assert classifier["ray_actor_options"]["num_gpus"] == 0.25
+
+
+def test_cpu_serve_config_is_local_yaml_with_proxies_reachable_on_every_pod():
+    serve = yaml.safe_load(doc(CPU)["spec"]["serveConfigV2"])
+    local = configfile.load(ROOT / "configs/local.yaml")
+    assert (local["http_options"]["host"], local["proxy_location"]) == ("127.0.0.1", "HeadOnly")
+    local["http_options"]["host"] = "0.0.0.0"
+    local["proxy_location"] = "EveryNode"
+    assert serve == local
+    configfile.check(serve, "serveConfigV2")
+    assert not any(d.get("ray_actor_options", {}).get("num_gpus")
+                   for d in serve["applications"][0]["deployments"])
+
+
+# ---- consistency --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", k8s.VARIANTS, ids=lambda v: v.name)
+def test_manifests_are_consistent(variant):
+    assert k8s.consistency_errors(doc(variant), variant) == []
+
+
+def test_gpu_manifest_shape():
+    d = doc(GPU)
+    cluster = d["spec"]["rayClusterConfig"]
+    assert (d["apiVersion"], d["kind"]) == ("ray.io/v1", "RayService")
+    assert cluster["rayVersion"] == k8s.pinned_ray_version() == "2.60.0"
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    gpu = worker(d, "gpu")
+    limits = ray_container(gpu)["resources"]["limits"]
+    # 8 classifier replicas x 0.25 GPU = 2 pods of one GPU, 4 replicas (4 CPUs) on each.
+    assert (gpu["minReplicas"], gpu["maxReplicas"]) == (1, 2)
+    assert limits["nvidia.com/gpu"] == 1 and k8s.quantity(limits["cpu"]) == 4
+    # 2 CPUs of ingress + 16 of preprocessors = 5 pods of 4 CPUs.
+    assert worker(d, "cpu")["maxReplicas"] == 5
+    ports = {p["name"]: p["containerPort"] for p in
+             ray_container(cluster["headGroupSpec"])["ports"]}
+    assert ports["serve"] == 8000
+
+
+def _break(path, value):
+    def apply(d):
+        *parents, last = path
+        node = d
+        for key in parents:
+            node = node[key] if not callable(key) else key(node)
+        if value is _DELETE:
+            del node[last]
+        else:
+            node[last] = value
+    return apply
+
+
+_DELETE = object()
+_CLUSTER = ("spec", "rayClusterConfig")
+_GPU_POD = (*_CLUSTER, lambda c: worker({"spec": {"rayClusterConfig": c}}, "gpu"))
+_CPU_POD = (*_CLUSTER, lambda c: worker({"spec": {"rayClusterConfig": c}}, "cpu"))
+_GPU_RES = (*_GPU_POD, "template", "spec", "containers", 0, "resources")
+
+
+@pytest.mark.parametrize("mutate,expected", [
+    (_break((*_GPU_POD, "maxReplicas"), 1), "max replicas need 2 GPUs"),
+    (_break((*_GPU_RES, "limits", "cpu"), "2"), "need 4 CPUs; the pod has 2"),
+    (_break((*_GPU_RES, "requests", "memory"), "4Gi"), "requests must equal limits"),
+    (_break((*_CPU_POD, "maxReplicas"), 3), "need 5 pods"),
+    (_break((*_CPU_POD, "template", "spec", "containers", 0, "resources"),
+            {"requests": {"cpu": "4", "memory": "2Gi"}, "limits": {"cpu": "4", "memory": "2Gi"}}),
+     "below the worst packing"),
+    (_break((*_CLUSTER, "rayVersion"), "2.59.0"), "not the pinned Ray 2.60.0"),
+    (_break((*_GPU_POD, "template", "spec", "containers", 0, "image"), "serve-app:latest"),
+     "is not tagged for Ray 2.60.0"),
+    (_break((*_CLUSTER, "headGroupSpec", "rayStartParams", "num-cpus"), _DELETE), "num-cpus"),
+    (_break((*_CLUSTER, "enableInTreeAutoscaling"), False), "enableInTreeAutoscaling"),
+    (_break((*_GPU_POD, "template", "spec", "tolerations"), _DELETE), "toleration"),
+    (_break((*_GPU_POD, "template", "spec", "nodeSelector"), _DELETE), "nodeSelector"),
+    (_break((*_GPU_POD, "template", "spec", "volumes"), []), "/dev/shm"),
+    (_break((*_GPU_POD, "template", "spec", "securityContext"), {}), "runAsNonRoot"),
+    (_break((*_GPU_POD, "template", "spec", "containers", 0, "readinessProbe"),
+            {"exec": {"command": ["true"]}}), "readinessProbe is KubeRay's"),
+    (_break(("spec", "serveConfigV2"), "applications: []\n"), "not the Serve config"),
+])
+def test_inconsistencies_are_reported(mutate, expected):
+    d = copy.deepcopy(doc(GPU))
+    mutate(d)
+    errors = k8s.consistency_errors(d, GPU)
+    assert any(expected in e for e in errors), errors
+
+
+def test_head_only_proxy_is_reported():
+    d = copy.deepcopy(doc(CPU))
+    serve = yaml.safe_load(d["spec"]["serveConfigV2"])
+    serve["proxy_location"] = "HeadOnly"
+    d["spec"]["serveConfigV2"] = yaml.safe_dump(serve)
+    errors = k8s.consistency_errors(d, CPU)
+    assert any("kuberay#4994" in e for e in errors), errors
+
+
+def test_serve_config_rejected_by_ray_is_reported():
+    d = copy.deepcopy(doc(GPU))
+    serve = yaml.safe_load(d["spec"]["serveConfigV2"])
+    serve["applications"][0]["deployments"][0]["max_ongoing_requests"] = -1
+    d["spec"]["serveConfigV2"] = yaml.safe_dump(serve)
+    errors = k8s.consistency_errors(d, GPU)
+    assert any("Ray rejects this Serve config" in e for e in errors), errors
+
+
+def test_a_model_change_asks_for_a_new_measurement(tmp_path):
+    root = copy_repo(tmp_path)
+    path = root / GPU.config
+    path.write_text(path.read_text().replace("name: resnet50", "name: resnet101"))
+    errors = k8s.consistency_errors(k8s.manifest(GPU, root), GPU, root)
+    assert any("measure_footprint.py" in e for e in errors), errors
+
+
+def test_dockerfile_must_use_the_pinned_ray_image(tmp_path):
+    root = copy_repo(tmp_path)
+    dockerfile = root / "Dockerfile"
+    assert k8s.base_image() == "rayproject/ray:2.60.0-py311-gpu"
+    dockerfile.write_text(dockerfile.read_text().replace("2.60.0-py311-gpu", "2.59.0-py311-gpu"))
+    errors = k8s.consistency_errors(doc(GPU), GPU, root)
+    assert any("Dockerfile is not FROM rayproject/ray:2.60.0-py311-gpu" in e for e in errors)
+
+
+def test_pods_needed_packs_first_fit_decreasing():
+    assert k8s.pods_needed([(1, 0.25)] * 8, cpus=4, gpus=1) == 2
+    assert k8s.pods_needed([(1, 0.25)] * 8, cpus=2, gpus=1) == 4  # CPU-bound
+    assert k8s.pods_needed([(0.8, 0)] * 2 + [(0.1, 0)] * 4, cpus=1, gpus=0) == 2
+    with pytest.raises(ValueError):
+        k8s.pods_needed([(2, 0)], cpus=1, gpus=0)
+
+
+def test_quantities():
+    assert k8s.quantity("500m") == 0.5 and k8s.quantity(4) == 4 and k8s.quantity("4") == 4
+    assert k8s.quantity("8Gi") == 8 * 1024 ** 3 and k8s.quantity("5632Mi") == 5632 * 1024 ** 2
+
+
+# ---- KubeRay CRD schema -------------------------------------------------------------------
+
+
+@needs_crds
+@pytest.mark.parametrize("variant", k8s.VARIANTS, ids=lambda v: v.name)
+def test_manifests_validate_against_kuberay_crd(variant):
+    assert k8s.schema_errors(doc(variant), Path(CRD_DIR)) == []
+
+
+@needs_crds
+@pytest.mark.parametrize("cpu,ok", [("1", True), (1, True), ("500m", True), (0.5, False),
+                                    ("one", False)])
+def test_int_or_string_quantities(cpu, ok):
+    d = copy.deepcopy(doc(GPU))
+    for kind in ("requests", "limits"):
+        ray_container(worker(d, "cpu"))["resources"][kind]["cpu"] = cpu
+    errors = k8s.schema_errors(d, Path(CRD_DIR))
+    assert (errors == []) is ok, errors
+
+
+@needs_crds
+@pytest.mark.parametrize("mutate,expected", [
+    (_break((*_GPU_POD, "maxReplicas"), "two"), "maxReplicas: 'two' is not of type 'integer'"),
+    (_break((*_CLUSTER, "autoscalerOptions", "upscalingMode"), "Fast"), "is not one of"),
+    (_break((*_CLUSTER, "headGroupSpec", "rayStartParams"), {"num-cpus": 0}),
+     "0 is not of type 'string'"),
+    # kubectl's strict validation rejects unknown fields; without it KubeRay would never see them
+    (_break((*_CLUSTER, "enableInTreeAutoscalling"), True), "enableInTreeAutoscalling"),
+    (_break((*_GPU_POD, "template", "spec", "containers", 0, "resorces"), {}), "resorces"),
+])
+def test_crd_schema_rejects_mistakes(mutate, expected):
+    d = copy.deepcopy(doc(GPU))
+    mutate(d)
+    errors = k8s.schema_errors(d, Path(CRD_DIR))
+    assert any(expected in e for e in errors), errors
+
+
+def test_crd_schema_needs_a_crd_for_the_kind(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        k8s.crd_schema(tmp_path)
+
+
+# ---- the command --------------------------------------------------------------------------
+
+
+def test_cli_check_passes_on_the_checked_in_manifests(capsys, monkeypatch):
+    if CRD_DIR:
+        monkeypatch.setenv("KUBERAY_CRD_DIR", CRD_DIR)
+    assert cli(["k8s", "check"]) == 0
+    assert "k8s: ok" in capsys.readouterr().out
+
+
+def test_cli_render_with_another_image_writes_elsewhere(tmp_path):
+    assert cli(["k8s", "render", "--image", "registry.example/serve-app:0.1.0-ray2.60.0-py311-gpu",
+                "--out", str(tmp_path)]) == 0
+    d = yaml.safe_load((tmp_path / "rayservice.yaml").read_text())
+    assert ray_container(worker(d, "gpu"))["image"].startswith("registry.example/")
+    assert k8s.consistency_errors(d, GPU) == []
