@@ -64,6 +64,21 @@ def _check_deployment_keys(entry: dict[str, Any], where: str) -> None:
                               + format_errors(exc, "autoscaling_config.")) from None
 
 
+def _check_policy(policy: Any, where: str) -> None:
+    """Import the application's autoscaling policy and build it with its kwargs, as the Serve
+    controller will: a typo or a bad kwarg shows here instead of in the controller's log."""
+    if not policy:
+        return
+    from ray._common.utils import import_attr
+
+    try:
+        target = import_attr(policy["policy_function"])
+        if isinstance(target, type):
+            target(**(policy.get("policy_kwargs") or {}))
+    except Exception as exc:
+        raise ConfigError(f"{where}: autoscaling_policy: {type(exc).__name__}: {exc}") from None
+
+
 def check(data: dict[str, Any], source: str = "config") -> list[tuple[str, AppConfig, ClassifierSettings]]:
     """Validate a whole Serve config; return each serve_app application's parsed settings."""
     try:
@@ -92,6 +107,7 @@ def check(data: dict[str, Any], source: str = "config") -> list[tuple[str, AppCo
                 raise ConfigError(f"{where}: unknown deployment {entry.get('name')!r}; "
                                   f"serve_app has {sorted(known)}")
             _check_deployment_keys(entry, where)
+        _check_policy(app.get("autoscaling_policy"), where)
         parsed.append((app_schema.name, settings, batching))
     return parsed
 

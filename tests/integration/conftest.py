@@ -23,6 +23,7 @@ MOBILENET_ENV = "SERVE_APP_TEST_MOBILENET_V2_WEIGHTS"
 def _small_app(base: dict, name: str, model: dict) -> dict:
     app = copy.deepcopy(base)
     app.update(name=name, route_prefix=f"/{name}", args={**app["args"], "model": model})
+    app.pop("autoscaling_policy", None)  # fixed replicas: nothing to scale
     for entry in app["deployments"]:
         entry.pop("autoscaling_config", None)
         entry["num_replicas"] = 1

@@ -25,6 +25,7 @@ def _five_classifiers(config: dict) -> None:
     # Weights are not what is tested here (and resnet50's would need a download): resnet18 with
     # random weights loads fast. Resources and batching stay as gpu.yaml has them.
     app["args"]["model"] = {"name": "resnet18", "weights": None}
+    app.pop("autoscaling_policy", None)
     for entry in app["deployments"]:
         entry.pop("autoscaling_config")
         entry["num_replicas"] = 5 if entry["name"] == "Classifier" else 1

@@ -126,3 +126,17 @@ def test_check_command_exit_codes(tmp_path, capsys):
     path.write_text(yaml.safe_dump(bad))
     assert cli(["check", str(path)]) == 1
     assert "args.top_k_defualt: unknown key" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("policy,why", [
+    ({"policy_function": "serve_app.autoscaling:NoSuchPolicy"}, "NoSuchPolicy"),
+    ({"policy_function": "serve_app.autoscaling:AppPolicy",
+      "policy_kwargs": {"latency_target_s": 0}}, "latency_target_s must be > 0"),
+    ({"policy_function": "serve_app.autoscaling:AppPolicy",
+      "policy_kwargs": {"latency_target": 1}}, "unexpected keyword argument 'latency_target'"),
+])
+def test_application_autoscaling_policy_is_imported_and_built(policy, why):
+    data = _local_config()
+    data["applications"][0]["autoscaling_policy"] = policy
+    with pytest.raises(ConfigError, match=f"autoscaling_policy: .*{why}"):
+        configfile.check(data)

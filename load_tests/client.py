@@ -1,0 +1,210 @@
+"""A light closed-loop load client: N workers, each posting one image and waiting for the answer.
+
+It speaks just enough HTTP/1.1 (keep-alive, Content-Length or chunked responses) over asyncio
+streams. On a 2-core box the client shares the CPU with the server, so an httpx-based client
+(several times the CPU per request) would cap the very throughput it is measuring.
+Loopback only: :func:`run_load` refuses any other host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+from urllib.parse import urlsplit
+
+LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+@dataclass
+class LoadResult:
+    """What one closed-loop run saw inside its measured window."""
+
+    concurrency: int
+    window_s: float
+    latencies_ms: list[float] = field(default_factory=list)
+    errors: int = 0
+    statuses: dict[int, int] = field(default_factory=dict)
+    first_error: str = ""
+
+    @property
+    def completed(self) -> int:
+        return len(self.latencies_ms) + self.errors
+
+    def summary(self) -> dict:
+        """req/s counts successful responses only; errors are reported next to it."""
+        lat = sorted(self.latencies_ms)
+        return {
+            "concurrency": self.concurrency,
+            "rps": round(len(lat) / self.window_s, 2) if self.window_s > 0 else 0.0,
+            "p50_ms": round(percentile(lat, 50), 2),
+            "p95_ms": round(percentile(lat, 95), 2),
+            "p99_ms": round(percentile(lat, 99), 2),
+            "errors": self.errors,
+            "requests": self.completed,
+            "window_s": round(self.window_s, 3),
+        }
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float:
+    """Linear-interpolated percentile (numpy's default) of already sorted values; nan if none."""
+    if not sorted_values:
+        return math.nan
+    if not 0 <= q <= 100:
+        raise ValueError(f"percentile {q} is outside 0..100")
+    pos = (len(sorted_values) - 1) * q / 100
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+class HTTPError(Exception):
+    """A response the client could not parse, or a connection that broke mid-request."""
+
+
+async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes, bool]:
+    """(status, body, keep_alive) of one HTTP/1.1 response."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ", 2)
+    if len(parts) < 2 or not parts[0].startswith("HTTP/"):
+        raise HTTPError(f"bad status line {lines[0]!r}")
+    status = int(parts[1])
+    headers = {}
+    for line in lines[1:]:
+        if ":" in line:
+            name, value = line.split(":", 1)
+            headers[name.strip().lower()] = value.strip()
+    if "content-length" in headers:
+        body = await reader.readexactly(int(headers["content-length"]))
+    elif headers.get("transfer-encoding", "").lower() == "chunked":
+        chunks = []
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+            if size == 0:
+                await reader.readuntil(b"\r\n")  # no trailers are sent by uvicorn
+                break
+            chunks.append(await reader.readexactly(size))
+            await reader.readexactly(2)
+        body = b"".join(chunks)
+    else:
+        body = await reader.read()
+        return status, body, False
+    keep_alive = headers.get("connection", "").lower() != "close"
+    return status, body, keep_alive
+
+
+class _Connection:
+    def __init__(self, host: str, port: int):
+        self.host, self.port = host, port
+        self.reader: Optional[asyncio.StreamReader] = None
+        self.writer: Optional[asyncio.StreamWriter] = None
+
+    async def request(self, head: bytes, body: bytes) -> tuple[int, bytes]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        try:
+            self.writer.write(head)
+            self.writer.write(body)
+            await self.writer.drain()
+            status, payload, keep_alive = await _read_response(self.reader)
+        except BaseException:
+            self.close()
+            raise
+        if not keep_alive:
+            self.close()
+        return status, payload
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.reader = self.writer = None
+
+
+def request_head(host: str, port: int, path: str, content_type: str, length: int) -> bytes:
+    return (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {length}\r\nAccept: application/json\r\n\r\n").encode("latin-1")
+
+
+async def closed_loop(url: str, bodies: Sequence[bytes], concurrency: int, duration_s: float,
+                      *, warmup_s: float = 2.0, max_requests: int = 100_000,
+                      timeout_s: float = 30.0, content_type: str = "image/jpeg",
+                      on_window: Optional[Callable[[str], None]] = None) -> LoadResult:
+    """``concurrency`` workers post ``bodies`` round-robin to ``url`` for warmup + duration.
+
+    Only requests that start and finish inside the measured window count, so the ramp-up and
+    the drain at the end are left out. ``on_window("start"|"end")`` is called at the window's
+    edges (for CPU snapshots). Stops early after ``max_requests`` in all.
+    """
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    if host not in LOOPBACK:
+        raise ValueError(f"refusing to load {host}: the benchmark only drives loopback")
+    path = parts.path or "/"
+    if parts.query:
+        path += "?" + parts.query
+    heads = [request_head(host, port, path, content_type, len(b)) for b in bodies]
+    result = LoadResult(concurrency=concurrency, window_s=0.0)
+    loop_start = time.perf_counter()
+    window_start = loop_start + warmup_s
+    window_end = window_start + duration_s
+    issued = 0
+
+    async def worker(index: int) -> None:
+        nonlocal issued
+        conn = _Connection(host, port)
+        i = index
+        try:
+            while issued < max_requests:
+                start = time.perf_counter()
+                if start >= window_end:
+                    return
+                issued += 1
+                j = i % len(bodies)
+                i += concurrency
+                try:
+                    status, payload = await asyncio.wait_for(conn.request(heads[j], bodies[j]),
+                                                             timeout_s)
+                    err = "" if status == 200 else f"HTTP {status}: {payload[:200]!r}"
+                except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError,
+                        asyncio.LimitOverrunError, HTTPError, ValueError) as exc:
+                    status, err = 0, f"{type(exc).__name__}: {exc}"
+                end = time.perf_counter()
+                if start >= window_start and end <= window_end:
+                    result.statuses[status] = result.statuses.get(status, 0) + 1
+                    if err:
+                        result.errors += 1
+                        result.first_error = result.first_error or err
+                    else:
+                        result.latencies_ms.append((end - start) * 1000)
+                elif err and start < window_end:  # errors outside the window still count
+                    result.errors += 1
+                    result.first_error = result.first_error or err
+        finally:
+            conn.close()
+
+    async def edges() -> None:
+        await asyncio.sleep(max(0.0, window_start - time.perf_counter()))
+        if on_window:
+            on_window("start")
+        await asyncio.sleep(max(0.0, window_end - time.perf_counter()))
+        if on_window:
+            on_window("end")
+
+    edge_task = asyncio.create_task(edges())
+    await asyncio.gather(*(worker(i) for i in range(concurrency)))
+    stopped = time.perf_counter()
+    if not edge_task.done():  # stopped early by max_requests
+        edge_task.cancel()
+        if on_window and stopped > window_start:
+            on_window("end")
+    result.window_s = max(0.0, min(stopped, window_end) - window_start)
+    return result
+
+
+def run_load(url: str, bodies: Sequence[bytes], concurrency: int, duration_s: float,
+             **kwargs) -> LoadResult:
+    """Synchronous wrapper around :func:`closed_loop`."""
+    return asyncio.run(closed_loop(url, bodies, concurrency, duration_s, **kwargs))

@@ -1,0 +1,200 @@
+"""Batch-aware autoscaling for serve_app, selected from the Serve config.
+
+Ray's default policy divides ongoing requests by ``target_ongoing_requests``, a number the user
+must guess. With ``@serve.batch`` the right number follows from what a replica can actually
+serve: one full batch at least (scaling out before batches fill only makes them smaller), and
+as many requests as its measured throughput clears within the latency target (Little's law).
+The classifier reports its batch size, batch fill and batch latency through
+``record_autoscaling_stats``; Ray hands them to the policy per replica, raw and as window means.
+
+Two entry points, both classes so ``policy_kwargs`` in the YAML reach them:
+
+* ``serve_app.autoscaling:BatchAwarePolicy``: a deployment policy for the Classifier.
+* ``serve_app.autoscaling:AppPolicy``: an application policy: the Classifier as above, the
+  Preprocessor in proportion to the Classifier, the Ingress as Ray's default would.
+
+Ray wraps either one: ``upscale_delay_s``/``downscale_delay_s`` and the scaling factors of each
+deployment's ``autoscaling_config`` still apply, and the result is bounded by min/max replicas.
+The arithmetic lives in pure functions below, tested without Ray.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional
+
+# Keys of Classifier.record_autoscaling_stats (serve_app/classifier.py).
+MAX_BATCH_SIZE = "max_batch_size"
+BATCH_FILL = "batch_fill"
+BATCH_LATENCY_S = "batch_latency_s"
+
+CLASSIFIER = "Classifier"
+PREPROCESSOR = "Preprocessor"
+
+
+@dataclass(frozen=True)
+class BatchSignals:
+    """What the classifier replicas reported, averaged across them (None: not reported yet)."""
+
+    max_batch_size: Optional[int]
+    throughput_per_replica: Optional[float]  # images/s one replica clears at its current fill
+
+
+def _latest(series: Any) -> Optional[float]:
+    """The newest value of a Ray TimeSeries (a list of TimeStampedValue), if any."""
+    if not series:
+        return None
+    return max(series, key=lambda point: point.timestamp).value
+
+
+def batch_signals(metrics: Optional[Mapping[str, Mapping[Any, float]]],
+                  raw: Optional[Mapping[str, Mapping[Any, Any]]] = None) -> BatchSignals:
+    """Combine per-replica custom metrics ({metric: {replica_id: window value}}).
+
+    Throughput uses each replica's newest report when ``raw`` has one: a load step changes the
+    batch fill within one batch, while the window mean over ``look_back_period_s`` still
+    describes the light load before it. On a CPU, where a full batch costs more per image than
+    a small one, that stale mean overestimates capacity and the first scale-up comes out too
+    small. Ray's ``upscale_delay_s`` still filters a single noisy report.
+    """
+    metrics = metrics or {}
+    raw = raw or {}
+    sizes = [v for v in (metrics.get(MAX_BATCH_SIZE) or {}).values() if v and v > 0]
+    rates = []
+    replicas = set(metrics.get(BATCH_FILL) or {}) | set(raw.get(BATCH_FILL) or {})
+    for r in replicas:
+        fill = _latest((raw.get(BATCH_FILL) or {}).get(r))
+        latency = _latest((raw.get(BATCH_LATENCY_S) or {}).get(r))
+        if fill is None or latency is None:
+            fill = (metrics.get(BATCH_FILL) or {}).get(r)
+            latency = (metrics.get(BATCH_LATENCY_S) or {}).get(r)
+        if fill and latency and fill > 0 and latency > 0:
+            rates.append(fill / latency)
+    return BatchSignals(
+        max_batch_size=int(max(sizes)) if sizes else None,
+        throughput_per_replica=sum(rates) / len(rates) if rates else None,
+    )
+
+
+def replica_capacity(signals: BatchSignals, latency_target_s: float, fallback: float) -> float:
+    """Requests (running + queued) one replica should carry.
+
+    ``throughput * latency_target_s`` is how many requests a replica can hold and still answer
+    each within the target (Little's law); never less than one full batch. Before any replica
+    has reported, ``fallback`` (the deployment's ``target_ongoing_requests``) is used.
+    """
+    if signals.max_batch_size is None:
+        return float(fallback)
+    floor = float(signals.max_batch_size)
+    if signals.throughput_per_replica is None:
+        return floor
+    return max(floor, signals.throughput_per_replica * latency_target_s)
+
+
+def clamp(value: int, low: int, high: int) -> int:
+    return max(low, min(high, value))
+
+
+def desired_replicas(total_requests: float, current: int, capacity: float,
+                     min_replicas: int, max_replicas: int,
+                     downscale_headroom: float = 0.8) -> int:
+    """Replicas for ``total_requests`` at ``capacity`` each, with a hold band.
+
+    Up as soon as the load exceeds what ``current`` replicas carry; down only once one replica
+    fewer would run at most ``downscale_headroom`` full, so a load hovering near a boundary does
+    not flap between two counts (Ray's default rounds up both ways and does).
+    """
+    if capacity <= 0:
+        raise ValueError("capacity must be positive")
+    needed = max(0.0, total_requests) / capacity
+    if current <= 0:
+        desired = math.ceil(needed)
+    elif needed > current:
+        desired = math.ceil(needed)
+    elif needed <= (current - 1) * downscale_headroom:
+        desired = max(1, math.ceil(needed / downscale_headroom)) if needed > 0 else 0
+    else:
+        desired = current
+    return clamp(desired, min_replicas, max_replicas)
+
+
+def queue_length_replicas(total_requests: float, target_ongoing: float, current: int,
+                          target_replicas: int, min_replicas: int, max_replicas: int) -> int:
+    """Ray's default rule (total / target_ongoing_requests, rounded up), bounded."""
+    if current == 0:
+        return clamp(target_replicas, min_replicas, max_replicas)
+    return clamp(math.ceil(max(0.0, total_requests) / target_ongoing), min_replicas, max_replicas)
+
+
+def _check(latency_target_s: float, downscale_headroom: float) -> None:
+    if latency_target_s <= 0:
+        raise ValueError(f"latency_target_s must be > 0, got {latency_target_s}")
+    if not 0 < downscale_headroom <= 1:
+        raise ValueError(f"downscale_headroom must be in (0, 1], got {downscale_headroom}")
+
+
+class BatchAwarePolicy:
+    """Deployment policy for a ``@serve.batch`` deployment that reports batch stats.
+
+    kwargs (``policy_kwargs``): ``latency_target_s``, the end-to-end wait a request may spend in
+    one replica; ``downscale_headroom``, how full the remaining replicas may be after a scale-down.
+    """
+
+    def __init__(self, latency_target_s: float = 1.0, downscale_headroom: float = 0.8):
+        _check(latency_target_s, downscale_headroom)
+        self.latency_target_s = latency_target_s
+        self.downscale_headroom = downscale_headroom
+
+    def decide(self, ctx: Any) -> tuple[int, dict[str, Any]]:
+        signals = batch_signals(ctx.aggregated_metrics, ctx.raw_metrics)
+        capacity = replica_capacity(signals, self.latency_target_s,
+                                    ctx.config.get_target_ongoing_requests())
+        desired = desired_replicas(ctx.total_num_requests, ctx.current_num_replicas, capacity,
+                                   ctx.capacity_adjusted_min_replicas,
+                                   ctx.capacity_adjusted_max_replicas, self.downscale_headroom)
+        # Kept in the policy state: visible in the controller log when debugging a decision.
+        return desired, {"capacity": round(capacity, 2), "desired": desired}
+
+    def __call__(self, ctx: Any) -> tuple[int, dict[str, Any]]:
+        return self.decide(ctx)
+
+
+class AppPolicy:
+    """Application policy for serve_app's three deployments.
+
+    The Classifier scales with :class:`BatchAwarePolicy`. The Preprocessor gets at least
+    ``preprocessors_per_classifier`` replicas per classifier replica (rounded up), so image
+    decoding keeps pace with the model before its own queue builds; its queue still raises it.
+    Any other deployment (the Ingress) follows Ray's default rule.
+    """
+
+    def __init__(self, latency_target_s: float = 1.0, downscale_headroom: float = 0.8,
+                 preprocessors_per_classifier: float = 0.5):
+        if preprocessors_per_classifier < 0:
+            raise ValueError("preprocessors_per_classifier must be >= 0")
+        self.classifier = BatchAwarePolicy(latency_target_s, downscale_headroom)
+        self.preprocessors_per_classifier = preprocessors_per_classifier
+
+    def __call__(self, contexts: Mapping[Any, Any]) -> tuple[dict[Any, int], dict[Any, dict]]:
+        decisions: dict[Any, int] = {}
+        states: dict[Any, dict] = {}
+        classifier_replicas: Optional[int] = None
+        for dep_id, ctx in contexts.items():
+            if dep_id.name == CLASSIFIER:
+                classifier_replicas, states[dep_id] = self.classifier.decide(ctx)
+                decisions[dep_id] = classifier_replicas
+        for dep_id, ctx in contexts.items():
+            if dep_id.name == CLASSIFIER:
+                continue
+            desired = queue_length_replicas(
+                ctx.total_num_requests, ctx.config.get_target_ongoing_requests(),
+                ctx.current_num_replicas, ctx.target_num_replicas,
+                ctx.capacity_adjusted_min_replicas, ctx.capacity_adjusted_max_replicas)
+            if dep_id.name == PREPROCESSOR and classifier_replicas is not None:
+                floor = math.ceil(self.preprocessors_per_classifier * classifier_replicas)
+                desired = clamp(max(desired, floor), ctx.capacity_adjusted_min_replicas,
+                                ctx.capacity_adjusted_max_replicas)
+            decisions[dep_id] = desired
+            states[dep_id] = {"desired": desired}
+        return decisions, states

@@ -1,0 +1,228 @@
+"""serve_app.autoscaling on synthetic contexts: no Ray cluster, Ray's own wrapper for delays."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+from ray.serve import autoscaling_policy as ray_policy
+from ray.serve._private.common import DeploymentID, TimeStampedValue
+from ray.serve.config import AutoscalingConfig, AutoscalingContext
+
+from serve_app import autoscaling
+from serve_app.autoscaling import (
+    AppPolicy,
+    BatchAwarePolicy,
+    BatchSignals,
+    batch_signals,
+    desired_replicas,
+    replica_capacity,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+APP = "serve_app"
+
+
+def context(name: str = "Classifier", *, total: float, current: int, target: int | None = None,
+            metrics: dict | None = None, raw: dict | None = None, min_replicas: int = 1,
+            max_replicas: int = 4,
+            state: dict | None = None, **config) -> AutoscalingContext:
+    cfg = AutoscalingConfig(min_replicas=min_replicas, max_replicas=max_replicas,
+                            target_ongoing_requests=config.pop("target_ongoing_requests", 8),
+                            upscale_delay_s=config.pop("upscale_delay_s", 0),
+                            downscale_delay_s=config.pop("downscale_delay_s", 0), **config)
+    return AutoscalingContext(
+        deployment_id=DeploymentID(name=name, app_name=APP), deployment_name=name, app_name=APP,
+        current_num_replicas=current, target_num_replicas=current if target is None else target,
+        running_replicas=[f"r{i}" for i in range(current)], total_num_requests=total,
+        total_queued_requests=0.0, aggregated_metrics=metrics or {}, raw_metrics=raw or {},
+        capacity_adjusted_min_replicas=min_replicas, capacity_adjusted_max_replicas=max_replicas,
+        policy_state=state or {}, last_scale_up_time=None, last_scale_down_time=None,
+        current_time=0.0, config=cfg)
+
+
+def reported(replicas: int = 1, batch: int = 8, fill: float = 8.0, latency_s: float = 0.5) -> dict:
+    """Classifier.record_autoscaling_stats as Ray aggregates it: {metric: {replica: value}}."""
+    ids = [f"r{i}" for i in range(replicas)]
+    return {autoscaling.MAX_BATCH_SIZE: {r: float(batch) for r in ids},
+            autoscaling.BATCH_FILL: {r: fill for r in ids},
+            autoscaling.BATCH_LATENCY_S: {r: latency_s for r in ids}}
+
+
+# ---- pure arithmetic ----
+
+def test_signals_average_per_replica_throughput():
+    metrics = reported(2)
+    metrics[autoscaling.BATCH_LATENCY_S]["r1"] = 1.0  # 8/0.5 = 16/s and 8/1.0 = 8/s
+    s = batch_signals(metrics)
+    assert s.max_batch_size == 8 and s.throughput_per_replica == pytest.approx(12.0)
+
+
+def test_signals_prefer_the_newest_report():
+    """Window means still show small, cheap batches after a step; the newest report does not."""
+    window = reported(fill=2.0, latency_s=0.08)  # 25 images/s at light load
+    raw = {autoscaling.BATCH_FILL: {"r0": [TimeStampedValue(1.0, 2.0), TimeStampedValue(3.0, 8.0)]},
+           autoscaling.BATCH_LATENCY_S: {"r0": [TimeStampedValue(3.0, 0.8),
+                                                TimeStampedValue(1.0, 0.08)]}}
+    assert batch_signals(window).throughput_per_replica == pytest.approx(25.0)
+    assert batch_signals(window, raw).throughput_per_replica == pytest.approx(10.0)
+    desired, _ = BatchAwarePolicy()(context(total=30, current=1, metrics=window, raw=raw))
+    assert desired == 3  # 30 requests / 10 per replica; the window mean alone would say 2
+
+
+def test_signals_before_any_report():
+    assert batch_signals({}) == BatchSignals(None, None)
+    only_size = {autoscaling.MAX_BATCH_SIZE: {"r0": 8.0}}
+    assert batch_signals(only_size) == BatchSignals(8, None)
+
+
+def test_capacity_is_littles_law_but_at_least_one_batch():
+    fast = BatchSignals(max_batch_size=8, throughput_per_replica=20.0)
+    assert replica_capacity(fast, latency_target_s=1.0, fallback=2) == 20.0
+    slow = BatchSignals(max_batch_size=8, throughput_per_replica=4.0)
+    assert replica_capacity(slow, latency_target_s=1.0, fallback=2) == 8.0  # one full batch
+    assert replica_capacity(BatchSignals(8, None), 1.0, fallback=2) == 8.0
+    assert replica_capacity(BatchSignals(None, None), 1.0, fallback=3) == 3.0
+
+
+def test_scale_up_on_a_queue():
+    assert desired_replicas(40, current=1, capacity=16, min_replicas=1, max_replicas=4) == 3
+
+
+def test_hold_within_band():
+    # 2 replicas carry up to 32; one fewer would be at 20/16 > 80%: hold.
+    for total in (13, 20, 32):
+        assert desired_replicas(total, current=2, capacity=16, min_replicas=1,
+                                max_replicas=4) == 2
+
+
+def test_scale_down_only_below_headroom():
+    assert desired_replicas(12.8, current=2, capacity=16, min_replicas=1, max_replicas=4) == 1
+    assert desired_replicas(12.9, current=2, capacity=16, min_replicas=1, max_replicas=4) == 2
+    assert desired_replicas(0, current=3, capacity=16, min_replicas=1, max_replicas=4) == 1
+
+
+def test_respects_min_and_max():
+    assert desired_replicas(1000, current=2, capacity=8, min_replicas=1, max_replicas=3) == 3
+    assert desired_replicas(0, current=3, capacity=8, min_replicas=2, max_replicas=3) == 2
+
+
+def test_ray_default_would_flap_where_the_band_holds():
+    """At 17 requests and capacity 8 Ray's rule wants 3 replicas, at 15 it wants 2; the band
+    keeps 3 replicas at 15 (2 replicas would run 15/16 > 80% full)."""
+    assert math.ceil(17 / 8) == 3 and math.ceil(15 / 8) == 2
+    assert desired_replicas(15, current=3, capacity=8, min_replicas=1, max_replicas=4) == 3
+
+
+def test_bad_kwargs_fail_at_construction():
+    with pytest.raises(ValueError):
+        BatchAwarePolicy(latency_target_s=0)
+    with pytest.raises(ValueError):
+        BatchAwarePolicy(downscale_headroom=1.5)
+    with pytest.raises(ValueError):
+        AppPolicy(preprocessors_per_classifier=-1)
+
+
+# ---- the policy on contexts ----
+
+def test_policy_uses_measured_throughput():
+    # 8 images per 0.5 s batch = 16/s per replica: 16 requests per replica within 1 s.
+    policy = BatchAwarePolicy(latency_target_s=1.0)
+    desired, state = policy(context(total=40, current=1, metrics=reported()))
+    assert desired == 3 and state["capacity"] == 16.0
+    desired, _ = policy(context(total=16, current=1, metrics=reported()))
+    assert desired == 1
+
+
+def test_policy_falls_back_to_target_ongoing_requests():
+    desired, state = BatchAwarePolicy()(context(total=20, current=1, target_ongoing_requests=5))
+    assert desired == 4 and state["capacity"] == 5.0
+
+
+# ---- through Ray's wrapper: what the controller actually runs ----
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def time(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    fake = FakeClock()
+    monkeypatch.setattr(ray_policy, "time", fake)  # the module's clock for delay bookkeeping
+    return fake
+
+
+def test_scale_down_only_after_delay(clock):
+    wrapped = ray_policy._apply_autoscaling_config(BatchAwarePolicy())
+    state: dict = {}
+    decisions = []
+    for step in range(5):  # idle, 2 replicas, downscale_delay_s=10, one tick every 3 s
+        clock.now = 1000.0 + 3 * step
+        ctx = context(total=0, current=2, metrics=reported(2), state=state, downscale_delay_s=10)
+        decision, state = wrapped(ctx)
+        decisions.append(decision)
+    assert decisions == [2, 2, 2, 2, 1]  # t=0,3,6,9 hold; t=12 >= 10 s after the first wish
+
+
+def test_scale_up_waits_for_upscale_delay(clock):
+    wrapped = ray_policy._apply_autoscaling_config(BatchAwarePolicy())
+    state: dict = {}
+    decisions = []
+    for step in range(3):
+        clock.now = 1000.0 + 2 * step
+        ctx = context(total=48, current=1, metrics=reported(), state=state, upscale_delay_s=3)
+        decision, state = wrapped(ctx)
+        decisions.append(decision)
+    assert decisions == [1, 1, 3]
+
+
+def test_app_policy_keeps_preprocessors_in_proportion(clock):
+    wrapped = ray_policy._apply_app_level_autoscaling_config(
+        AppPolicy(preprocessors_per_classifier=0.5))
+    contexts = {
+        DeploymentID("Classifier", APP): context(total=48, current=1, metrics=reported()),
+        DeploymentID("Preprocessor", APP): context("Preprocessor", total=0, current=1,
+                                                   target_ongoing_requests=4),
+        DeploymentID("Ingress", APP): context("Ingress", total=3, current=1,
+                                              target_ongoing_requests=32, max_replicas=2),
+    }
+    decisions, states = wrapped(contexts)
+    by_name = {dep.name: n for dep, n in decisions.items()}
+    assert by_name == {"Classifier": 3, "Preprocessor": 2, "Ingress": 1}
+    assert set(states) == set(contexts)
+
+
+def test_app_policy_preprocessor_queue_still_counts():
+    policy = AppPolicy(preprocessors_per_classifier=0.25)
+    contexts = {
+        DeploymentID("Classifier", APP): context(total=4, current=1, metrics=reported()),
+        DeploymentID("Preprocessor", APP): context("Preprocessor", total=12, current=1,
+                                                   target_ongoing_requests=4),
+    }
+    decisions, _ = policy(contexts)
+    assert {d.name: n for d, n in decisions.items()} == {"Classifier": 1, "Preprocessor": 3}
+
+
+# ---- the configs that select it ----
+
+def _app(name: str) -> dict:
+    return yaml.safe_load((ROOT / "configs" / name).read_text())["applications"][0]
+
+
+def test_demo_configs_differ_only_in_the_policy():
+    """The comparison is fair only if everything but the policy is the same."""
+    demo, default = _app("autoscale-demo.yaml"), _app("autoscale-demo-default.yaml")
+    assert demo.pop("autoscaling_policy")["policy_function"] == "serve_app.autoscaling:AppPolicy"
+    assert "autoscaling_policy" not in default
+    assert demo == default
+
+
+def test_demo_policy_kwargs_build_the_policy():
+    policy = _app("autoscale-demo.yaml")["autoscaling_policy"]
+    assert isinstance(AppPolicy(**policy["policy_kwargs"]), AppPolicy)

@@ -1,0 +1,149 @@
+"""The benchmark's pure parts: percentiles, overrides, process groups, CPU accounting, table."""
+
+import asyncio
+import math
+
+import pytest
+
+from load_tests import bench
+from load_tests.client import LoadResult, _read_response, percentile
+
+
+def test_percentile_matches_numpy_linear_interpolation():
+    numpy = pytest.importorskip("numpy")
+    values = sorted([12.0, 3.5, 7.25, 99.0, 41.0, 8.0, 8.0])
+    for q in (0, 1, 50, 90, 95, 99, 100):
+        assert percentile(values, q) == pytest.approx(float(numpy.percentile(values, q)))
+    assert math.isnan(percentile([], 50))
+    with pytest.raises(ValueError):
+        percentile(values, 101)
+
+
+def test_summary_counts_only_successes_in_rps():
+    result = LoadResult(concurrency=4, window_s=2.0, latencies_ms=[10.0, 20.0, 30.0, 40.0],
+                        errors=1)
+    summary = result.summary()
+    assert summary["rps"] == 2.0 and summary["errors"] == 1 and summary["requests"] == 5
+    assert summary["p50_ms"] == 25.0
+
+
+def _parse(raw: bytes):
+    async def go():
+        reader = asyncio.StreamReader()
+        reader.feed_data(raw)
+        reader.feed_eof()
+        return await _read_response(reader)
+    return asyncio.run(go())
+
+
+def test_http_response_parsing_content_length_and_chunked():
+    assert _parse(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}") == (200, b"{}", True)
+    chunked = (b"HTTP/1.1 413 Payload Too Large\r\nTransfer-Encoding: chunked\r\n"
+               b"Connection: close\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n")
+    assert _parse(chunked) == (413, b"abcde", False)
+
+
+def test_overrides_edit_deployments_args_and_top_level():
+    config = {"proxy_location": "HeadOnly", "applications": [{
+        "args": {"model": {"name": "efficientnet_lite0"}},
+        "deployments": [{"name": "Classifier", "max_ongoing_requests": 32,
+                         "autoscaling_config": {"min_replicas": 1}}]}]}
+    bench.apply_override(config, "Classifier.max_ongoing_requests=64")
+    bench.apply_override(config, "Classifier.user_config.max_batch_size=16")
+    bench.apply_override(config, "Classifier.autoscaling_config=null")
+    bench.apply_override(config, "Ingress.num_replicas=1")
+    bench.apply_override(config, 'args.model={"name": "resnet18", "weights": null}')
+    bench.apply_override(config, "proxy_location=EveryNode")
+    app = config["applications"][0]
+    classifier, ingress = app["deployments"]
+    assert classifier == {"name": "Classifier", "max_ongoing_requests": 64,
+                          "user_config": {"max_batch_size": 16}}
+    assert ingress == {"name": "Ingress", "num_replicas": 1}
+    assert app["args"]["model"] == {"name": "resnet18", "weights": None}
+    assert config["proxy_location"] == "EveryNode"
+    with pytest.raises(ValueError):
+        bench.apply_override(config, "no_equals_sign")
+
+
+@pytest.mark.parametrize("cmdline, group", [
+    ("ray::ServeReplica:serve_app:Ingress", "ingress"),
+    ("ray::ServeReplica:serve_app:Preprocessor.handle_request", "preprocessor"),
+    ("ray::ServeReplica:serve_app:Classifier", "classifier"),
+    ("ray::ServeReplica:other_app:Classifier", "other_ray"),
+    ("ray::ProxyActor", "proxy"),
+    ("/x/site-packages/ray/core/src/ray/raylet/raylet --raylet_socket_name=/tmp/s", "raylet"),
+    ("/x/ray/core/src/ray/gcs/gcs_server --gcs_server_port=0", "other_ray"),
+    ("ray::ServeController", "other_ray"),
+    ("/usr/bin/bash -c sleep 1", None),
+])
+def test_process_groups_from_proctitles(cmdline, group):
+    assert bench.group_of(cmdline) == group
+
+
+def test_cpu_by_group_diffs_snapshots_and_counts_new_processes_from_zero():
+    start = {1: ("ingress", 10.0), 2: ("classifier", 100.0), 3: ("raylet", 5.0)}
+    end = {1: ("ingress", 10.5), 2: ("classifier", 102.0), 3: ("raylet", 5.1),
+           4: ("classifier", 0.25)}
+    used = bench.cpu_by_group(start, end)
+    assert used["ingress"] == pytest.approx(0.5)
+    assert used["classifier"] == pytest.approx(2.25)
+    assert used["raylet"] == pytest.approx(0.1)
+    assert used["proxy"] == 0.0 and set(used) == set(bench.GROUPS)
+
+
+def test_cpu_per_request_and_overhead():
+    used = {"ingress": 0.2, "proxy": 0.1, "preprocessor": 0.3, "classifier": 1.0,
+            "raylet": 0.05, "other_ray": 0.05}
+    out = bench.cpu_ms_per_request(used, 100, decode_ms=2.5, forward_ms=9.0)
+    assert out["ingress"] == 2.0 and out["classifier"] == 10.0
+    assert out["total"] == pytest.approx(17.0)
+    assert out["overhead"] == pytest.approx(17.0 - 2.5 - 9.0)
+    assert bench.cpu_ms_per_request(used, 0, 1, 1) == {}
+
+
+def test_interpolate_by_batch_is_log_linear_and_clamped():
+    table = {1: 10.0, 4: 6.0, 16: 4.0}
+    assert bench.interpolate_by_batch(table, 0.5) == 10.0
+    assert bench.interpolate_by_batch(table, 2) == pytest.approx(8.0)
+    assert bench.interpolate_by_batch(table, 8) == pytest.approx(5.0)
+    assert bench.interpolate_by_batch(table, 64) == 4.0
+    assert math.isnan(bench.interpolate_by_batch({}, 2))
+
+
+def test_batch_delta_sums_replicas_including_new_ones():
+    before = {"a": {"batches": 10, "images": 40}}
+    after = {"a": {"batches": 15, "images": 70}, "b": {"batches": 2, "images": 6}}
+    assert bench.batch_delta(before, after) == (7, 36)
+
+
+def _result():
+    row = {"concurrency": 8, "rps": 50.0, "p50_ms": 150.0, "p95_ms": 200.0, "p99_ms": 220.0,
+           "errors": 0, "mean_batch": 6.5, "ratio": 0.8,
+           "cpu_ms_per_request": {"ingress": 2.0, "proxy": 1.0, "preprocessor": 3.0,
+                                  "classifier": 20.0, "raylet": 0.5, "other_ray": 0.5,
+                                  "total": 27.0, "overhead": 4.0}}
+    return {"model": "resnet18",
+            "raw": {"best_img_s": 62.5, "best_batch_size": 16, "bs1_ms": 15.0, "threads": 2,
+                    "decode_cpu_ms": 2.0},
+            "served": [row], "ratio": 0.8, "cpu_ms_per_request": row["cpu_ms_per_request"],
+            "naive": [{"concurrency": 8, "rps": 40.0, "p50_ms": 190.0, "p95_ms": 250.0,
+                       "p99_ms": 300.0, "errors": 0, "mean_batch": None,
+                       "cpu_ms_per_request": {"total": 30.0}}]}
+
+
+def test_table_has_a_row_per_run_and_the_ratio():
+    table = bench.format_table(_result())
+    lines = table.splitlines()
+    served = next(l for l in lines if l.startswith("served"))
+    naive = next(l for l in lines if l.startswith("naive"))
+    assert "50.0" in served and "0.80" in served and "27.0" in served and "4.0" in served
+    assert "40.0" in naive and "30.0" in naive
+    assert lines[-1] == "served/raw at saturation: 0.80"
+
+
+def test_missing_keys_names_what_the_json_lacks():
+    assert bench.missing_keys(_result()) == []
+    broken = _result()
+    del broken["raw"]["bs1_ms"]
+    del broken["served"][0]["mean_batch"]
+    assert bench.missing_keys(broken) == ["raw.bs1_ms", "served[0].mean_batch"]
