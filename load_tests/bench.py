@@ -79,6 +79,10 @@ def apply_override(config: dict, assignment: str) -> None:
         node = node.setdefault(key, {})
     if value is None and keys[-1] in node and path.split(".")[0] != "args":
         del node[keys[-1]]
+        if node is not config and keys == ["autoscaling_config"]:
+            # Ray refuses an application-level policy over a deployment that does not
+            # autoscale ("Autoscaling config is not set"): fixed replicas mean no app policy.
+            app.pop("autoscaling_policy", None)
     else:
         node[keys[-1]] = value
 

@@ -45,6 +45,7 @@ def test_http_response_parsing_content_length_and_chunked():
 
 def test_overrides_edit_deployments_args_and_top_level():
     config = {"proxy_location": "HeadOnly", "applications": [{
+        "autoscaling_policy": {"policy_function": "serve_app.autoscaling:AppPolicy"},
         "args": {"model": {"name": "efficientnet_lite0"}},
         "deployments": [{"name": "Classifier", "max_ongoing_requests": 32,
                          "autoscaling_config": {"min_replicas": 1}}]}]}
@@ -61,6 +62,7 @@ def test_overrides_edit_deployments_args_and_top_level():
     assert ingress == {"name": "Ingress", "num_replicas": 1}
     assert app["args"]["model"] == {"name": "resnet18", "weights": None}
     assert config["proxy_location"] == "EveryNode"
+    assert "autoscaling_policy" not in app  # Ray refuses it once a deployment has fixed replicas
     with pytest.raises(ValueError):
         bench.apply_override(config, "no_equals_sign")
 
