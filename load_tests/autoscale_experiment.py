@@ -22,16 +22,15 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.parse
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Optional
 
 from load_tests import shapes, timeline
+from load_tests.client import require_loopback
 from load_tests.sampling import ServeStatusClient, dashboard_url_from_log
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
-LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 MAX_DURATION_S = 1800
 
 
@@ -187,9 +186,10 @@ def plot(path: Path, rows: list[dict], deployments: list[str], profile: shapes.P
 
 
 def check_loopback(url: str) -> None:
-    host = urllib.parse.urlparse(url).hostname
-    if host not in LOOPBACK:
-        raise SystemExit(f"refusing to load {url}: only loopback targets are allowed")
+    try:
+        require_loopback(url)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def run(args: argparse.Namespace) -> dict:

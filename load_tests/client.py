@@ -18,6 +18,13 @@ from urllib.parse import urlsplit
 LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
+def require_loopback(url: str) -> None:
+    """Load generators here drive this machine only; refuse any other target."""
+    host = urlsplit(url).hostname or "127.0.0.1"
+    if host not in LOOPBACK:
+        raise ValueError(f"refusing to load {url}: only loopback targets are allowed")
+
+
 @dataclass
 class LoadResult:
     """What one closed-loop run saw inside its measured window."""
@@ -138,10 +145,9 @@ async def closed_loop(url: str, bodies: Sequence[bytes], concurrency: int, durat
     the drain at the end are left out. ``on_window("start"|"end")`` is called at the window's
     edges (for CPU snapshots). Stops early after ``max_requests`` in all.
     """
+    require_loopback(url)
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
-    if host not in LOOPBACK:
-        raise ValueError(f"refusing to load {host}: the benchmark only drives loopback")
     path = parts.path or "/"
     if parts.query:
         path += "?" + parts.query
