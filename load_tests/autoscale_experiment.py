@@ -28,6 +28,7 @@ from typing import Optional
 
 from load_tests import shapes, timeline
 from load_tests.client import require_loopback
+from serve_app.configfile import APP_IMPORT_PATH
 from load_tests.sampling import ServeStatusClient, dashboard_url_from_log
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
@@ -36,7 +37,7 @@ MAX_DURATION_S = 1800
 
 def serve_app_entry(config: dict) -> dict:
     for app in config.get("applications") or []:
-        if app.get("import_path") == "serve_app.app:build_app":
+        if app.get("import_path") == APP_IMPORT_PATH:
             return app
     raise ValueError("the config has no serve_app application")
 

@@ -60,7 +60,8 @@ class Classifier:
         self.settings = _DEFAULTS
         self._batches = 0
         self._images = 0
-        self._window = [0, 0, 0.0]  # batches, images, busy seconds since the last autoscaling report
+        self._busy_s = 0.0
+        self._reported = (0, 0, 0.0)  # the counters at the last autoscaling report
         self._last_stats: dict[str, float] = {}
         started = time.perf_counter()
         self.warmup_iterations = warmup_iterations
@@ -88,9 +89,7 @@ class Classifier:
         # batches that then queue behind it (mean batch 1.0 at 32 clients). Blocking here
         # makes the next batch take everything that arrived during this forward pass.
         probs = self.predictor.predict(batch)
-        self._window[0] += 1
-        self._window[1] += len(images)
-        self._window[2] += time.perf_counter() - started
+        self._busy_s += time.perf_counter() - started
         self._batches += 1
         self._images += len(images)
         return list(probs)
@@ -107,8 +106,9 @@ class Classifier:
         """Ray's custom autoscaling metrics hook, read by serve_app.autoscaling: the batch size,
         and the mean fill and forward-pass latency of the batches since the last call (the last
         known values when none ran, so an idle replica still reports its speed)."""
-        batches, images, busy = self._window
-        self._window = [0, 0, 0.0]
+        now = (self._batches, self._images, self._busy_s)
+        batches, images, busy = (a - b for a, b in zip(now, self._reported))
+        self._reported = now
         if batches:
             self._last_stats = {"batch_fill": images / batches, "batch_latency_s": busy / batches}
         return {"max_batch_size": float(self.settings.max_batch_size), **self._last_stats}
