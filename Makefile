@@ -4,6 +4,9 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 CONFIG ?= configs/local.yaml
 PYTEST_ARGS ?=
+# HAProxy in front of the ingress replicas instead of Ray's Python proxy (serve_app/launch.py,
+# RAY_CLUSTER_ENV); HA_PROXY=0 for Ray's proxy.
+HA_PROXY ?= 1
 
 .PHONY: install install-test run check test test-unit bench k8s clean
 
@@ -21,7 +24,7 @@ check: install
 # Serve CONFIG in the foreground on 127.0.0.1:8000; Ctrl-C stops the service and Ray.
 run: install
 	$(BIN)/python -m serve_app check $(CONFIG)
-	RAY_ADDRESS=local $(BIN)/serve run $(CONFIG)
+	RAY_ADDRESS=local RAY_SERVE_ENABLE_HA_PROXY=$(HA_PROXY) $(BIN)/serve run $(CONFIG)
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

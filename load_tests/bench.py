@@ -95,8 +95,8 @@ def group_of(cmdline: str, app: str = APP_NAME) -> Optional[str]:
             return "other_ray"
         return {"Ingress": "ingress", "Preprocessor": "preprocessor",
                 "Classifier": "classifier"}.get(match.group(2), "other_ray")
-    if "ray::ProxyActor" in cmdline:
-        return "proxy"
+    if "ray::ProxyActor" in cmdline or re.search(r"(^|/)haproxy(\s|$)", cmdline):
+        return "proxy"  # Ray's Python proxy, or HAProxy with RAY_SERVE_ENABLE_HA_PROXY=1
     if re.search(r"(^|/)raylet(\s|$)", cmdline):
         return "raylet"
     if "ray" in cmdline or "serve" in cmdline:
@@ -159,7 +159,7 @@ def format_table(result: dict) -> str:
                      f"{raw['threads']} threads; decode+preprocess {raw['decode_cpu_ms']:.2f} "
                      f"CPU ms/img")
     head = (f"{'target':<7}{'conc':>5}{'req/s':>8}{'p50':>8}{'p95':>8}{'p99':>8}{'err':>5}"
-            f"{'batch':>6}{'/raw':>6} | cpu ms/req: {'ingr':>5}{'proxy':>6}{'prep':>6}"
+            f"{'batch':>6}{'call':>5}{'/raw':>6} | cpu ms/req: {'ingr':>5}{'proxy':>6}{'prep':>6}"
             f"{'clf':>6}{'rlet':>5}{'other':>6}{'total':>7}{'ovhd':>6}")
     lines += [head, "-" * len(head)]
 
@@ -174,7 +174,8 @@ def format_table(result: dict) -> str:
             lines.append(
                 f"{target:<7}{row['concurrency']:>5}{num(row['rps'], 8)}{num(row['p50_ms'], 8)}"
                 f"{num(row['p95_ms'], 8)}{num(row['p99_ms'], 8)}{row['errors']:>5}"
-                f"{num(row.get('mean_batch'), 6)}{num(row.get('ratio'), 6, 2)} | {'':>11}"
+                f"{num(row.get('mean_batch'), 6)}{num(row.get('images_per_call'), 5)}"
+                f"{num(row.get('ratio'), 6, 2)} | {'':>11}"
                 f"{num(cpu.get('ingress'), 5)}{num(cpu.get('proxy'), 6)}"
                 f"{num(cpu.get('preprocessor'), 6)}{num(cpu.get('classifier'), 6)}"
                 f"{num(cpu.get('raylet'), 5)}{num(cpu.get('other_ray'), 6)}"
@@ -440,14 +441,16 @@ def _stats_driver(address: str, app: str) -> None:
     ray.shutdown()
 
 
-def batch_delta(before: dict[str, dict], after: dict[str, dict]) -> tuple[int, int]:
-    """(batches, images) the classifier ran between two stats snapshots, over all replicas."""
-    batches = images = 0
+def batch_delta(before: dict[str, dict], after: dict[str, dict]) -> tuple[int, int, int]:
+    """(batches, images, calls) the classifier ran between two stats snapshots, over all
+    replicas. A call is one group of images from the ingress (serve_app/batching.py)."""
+    batches = images = calls = 0
     for rid, s in after.items():
-        b = before.get(rid, {"batches": 0, "images": 0})
-        batches += s["batches"] - b["batches"]
-        images += s["images"] - b["images"]
-    return batches, images
+        b = before.get(rid, {})
+        batches += s["batches"] - b.get("batches", 0)
+        images += s["images"] - b.get("images", 0)
+        calls += s.get("calls", 0) - b.get("calls", 0)
+    return batches, images, calls
 
 
 # ---------------------------------------------------------------- runs
@@ -481,14 +484,16 @@ def drive(target: Target, photos: Sequence[bytes], levels: Sequence[int], durati
             row["first_error"] = result.first_error
         if result.statuses:
             row["statuses"] = {str(k): v for k, v in sorted(result.statuses.items())}
-        mean_batch = None
+        mean_batch = mean_call = None
         if target.stats is not None and "start" in snaps:
             before = target.stats.collect()
             after = target.stats.collect() if "end" in snaps else before
-            batches, images = batch_delta(before, after)
+            batches, images, calls = batch_delta(before, after)
             mean_batch = round(images / batches, 2) if batches else None
+            mean_call = round(images / calls, 2) if calls else None
             row["classifier_replicas"] = len(after)
         row["mean_batch"] = mean_batch
+        row["images_per_call"] = mean_call
         if "start" in snaps and "end" in snaps and result.completed:
             if single_group:  # the naive server: one process, everything is "the model"
                 used = sum(e[1] for e in snaps["end"].values()) - sum(
@@ -512,7 +517,7 @@ def drive(target: Target, photos: Sequence[bytes], levels: Sequence[int], durati
         rows.append(row)
         print(f"  {'naive' if single_group else 'served'} c={level}: {row['rps']} req/s, "
               f"p50 {row['p50_ms']} ms, p99 {row['p99_ms']} ms, errors {row['errors']}, "
-              f"batch {mean_batch}", flush=True)
+              f"batch {mean_batch}, images per call {mean_call}", flush=True)
     return rows
 
 

@@ -7,6 +7,10 @@ as many requests as its measured throughput clears within the latency target (Li
 The classifier reports its batch size, batch fill and batch latency through
 ``record_autoscaling_stats``; Ray hands them to the policy per replica, raw and as window means.
 
+Load is counted in images, not calls: the ingress sends the images of concurrent requests as
+one call (serve_app/batching.py), so the Classifier reports the images it holds and the Ingress
+the images queued for a call slot; Ray's request count is the fallback before any report.
+
 Two entry points, both classes so ``policy_kwargs`` in the YAML reach them:
 
 * ``serve_app.autoscaling:BatchAwarePolicy``: a deployment policy for the Classifier.
@@ -28,6 +32,11 @@ from typing import Any, Mapping, Optional
 MAX_BATCH_SIZE = "max_batch_size"
 BATCH_FILL = "batch_fill"
 BATCH_LATENCY_S = "batch_latency_s"
+IMAGES_IN_FLIGHT = "images_in_flight"
+# Key of Ingress.record_autoscaling_stats (serve_app/ingress.py).
+IMAGES_QUEUED = "images_queued"
+
+INGRESS = "Ingress"
 
 CLASSIFIER = "Classifier"
 PREPROCESSOR = "Preprocessor"
@@ -75,6 +84,24 @@ def batch_signals(metrics: Optional[Mapping[str, Mapping[Any, float]]],
         max_batch_size=int(max(sizes)) if sizes else None,
         throughput_per_replica=sum(rates) / len(rates) if rates else None,
     )
+
+
+def reported_sum(metrics: Optional[Mapping[str, Mapping[Any, float]]], key: str) -> Optional[float]:
+    """``key``'s window mean summed over replicas; None when no replica reported it."""
+    values = [v for v in ((metrics or {}).get(key) or {}).values() if v is not None]
+    return float(sum(values)) if values else None
+
+
+def classifier_load(total_requests: float, images_in_flight: Optional[float],
+                    images_queued: Optional[float] = None) -> float:
+    """Images waiting for or inside the classifier replicas.
+
+    A call carries a group of images, so Ray's request count (calls) understates the load; the
+    replicas' own count is used once reported, and never less than the calls. Images queued in
+    the ingress for a free call slot count too: that queue is where an overload shows first.
+    """
+    load = max(total_requests, images_in_flight or 0.0)
+    return load + (images_queued or 0.0)
 
 
 def replica_capacity(signals: BatchSignals, latency_target_s: float, fallback: float) -> float:
@@ -146,15 +173,20 @@ class BatchAwarePolicy:
         self.latency_target_s = latency_target_s
         self.downscale_headroom = downscale_headroom
 
-    def decide(self, ctx: Any) -> tuple[int, dict[str, Any]]:
+    def decide(self, ctx: Any, images_queued: Optional[float] = None) -> tuple[int, dict[str, Any]]:
+        """``images_queued``: images waiting upstream (the ingress's queue), when known."""
         signals = batch_signals(ctx.aggregated_metrics, ctx.raw_metrics)
         capacity = replica_capacity(signals, self.latency_target_s,
                                     ctx.config.get_target_ongoing_requests())
-        desired = desired_replicas(ctx.total_num_requests, ctx.current_num_replicas, capacity,
+        load = classifier_load(ctx.total_num_requests,
+                               reported_sum(ctx.aggregated_metrics, IMAGES_IN_FLIGHT),
+                               images_queued)
+        desired = desired_replicas(load, ctx.current_num_replicas, capacity,
                                    ctx.capacity_adjusted_min_replicas,
                                    ctx.capacity_adjusted_max_replicas, self.downscale_headroom)
         # Kept in the policy state: visible in the controller log when debugging a decision.
-        return desired, {"capacity": round(capacity, 2), "desired": desired}
+        return desired, {"capacity": round(capacity, 2), "load": round(load, 2),
+                         "desired": desired}
 
     def __call__(self, ctx: Any) -> tuple[int, dict[str, Any]]:
         return self.decide(ctx)
@@ -163,7 +195,8 @@ class BatchAwarePolicy:
 class AppPolicy:
     """Application policy for serve_app's three deployments.
 
-    The Classifier scales with :class:`BatchAwarePolicy`. The Preprocessor gets at least
+    The Classifier scales with :class:`BatchAwarePolicy`, counting the images queued in the
+    Ingress as well as its own. The Preprocessor gets at least
     ``preprocessors_per_classifier`` replicas per classifier replica (rounded up), so image
     decoding keeps pace with the model before its own queue builds; its queue still raises it.
     Any other deployment (the Ingress) follows Ray's default rule.
@@ -180,9 +213,13 @@ class AppPolicy:
         decisions: dict[Any, int] = {}
         states: dict[Any, dict] = {}
         classifier_replicas: Optional[int] = None
+        queued = None
+        for dep_id, ctx in contexts.items():
+            if dep_id.name == INGRESS:
+                queued = reported_sum(ctx.aggregated_metrics, IMAGES_QUEUED)
         for dep_id, ctx in contexts.items():
             if dep_id.name == CLASSIFIER:
-                classifier_replicas, states[dep_id] = self.classifier.decide(ctx)
+                classifier_replicas, states[dep_id] = self.classifier.decide(ctx, queued)
                 decisions[dep_id] = classifier_replicas
         for dep_id, ctx in contexts.items():
             if dep_id.name == CLASSIFIER:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -61,6 +62,8 @@ class Classifier:
         self._batches = 0
         self._images = 0
         self._busy_s = 0.0
+        self._images_in_flight = 0
+        self._calls = 0
         self._reported = (0, 0, 0.0)  # the counters at the last autoscaling report
         self._last_stats: dict[str, float] = {}
         started = time.perf_counter()
@@ -94,9 +97,23 @@ class Classifier:
         self._images += len(images)
         return list(probs)
 
-    async def classify(self, image: torch.Tensor, top_k: int) -> list[dict]:
-        probs = await self._predict_batch(image)
-        return imaging.top_k(probs, top_k, self.predictor.info.categories)
+    async def classify(self, crops: imaging.Crops, top_ks: list[int]) -> list:
+        """Top-k labels for each image of a group (a preprocessor's output), in input order; an
+        image that failed preprocessing gets its error back in its place.
+
+        Every image joins the ``@serve.batch`` queue on its own, so images of concurrent groups
+        share forward passes up to ``max_batch_size``.
+        """
+        pixels = torch.from_numpy(crops.pixels.copy())  # Ray's zero-copy array is read-only
+        self._calls += 1
+        self._images_in_flight += len(pixels)
+        try:
+            probs = iter(await asyncio.gather(*(self._predict_batch(p) for p in pixels)))
+        finally:
+            self._images_in_flight -= len(pixels)
+        categories = self.predictor.info.categories
+        return [imaging.top_k(next(probs), k, categories) if error is None else error
+                for error, k in zip(crops.errors, top_ks)]
 
     def ready(self) -> bool:
         """Answers only once __init__ (load + warm-up) has finished."""
@@ -104,18 +121,22 @@ class Classifier:
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """Ray's custom autoscaling metrics hook, read by serve_app.autoscaling: the batch size,
-        and the mean fill and forward-pass latency of the batches since the last call (the last
-        known values when none ran, so an idle replica still reports its speed)."""
+        the images in the replica now (a call carries several, so Ray's request count
+        understates the load), and the mean fill and forward-pass latency of the batches since
+        the last call (the last known values when none ran, so an idle replica still reports
+        its speed)."""
         now = (self._batches, self._images, self._busy_s)
         batches, images, busy = (a - b for a, b in zip(now, self._reported))
         self._reported = now
         if batches:
             self._last_stats = {"batch_fill": images / batches, "batch_latency_s": busy / batches}
-        return {"max_batch_size": float(self.settings.max_batch_size), **self._last_stats}
+        return {"max_batch_size": float(self.settings.max_batch_size),
+                "images_in_flight": float(self._images_in_flight), **self._last_stats}
 
     def stats(self) -> dict:
-        """Counters since start, for benchmarks: batches run and images classified. ``replica``
-        tells replicas apart, so a benchmark can sum counters over all of them."""
+        """Counters since start, for benchmarks: calls received, batches run and images
+        classified. ``replica`` tells replicas apart, so a benchmark can sum over them."""
         return {"replica": serve.get_replica_context().replica_id.unique_id,
-                "batches": self._batches, "images": self._images, "threads": self.threads,
+                "calls": self._calls, "batches": self._batches, "images": self._images,
+                "threads": self.threads,
                 "device": str(self.predictor.device), **self.settings.model_dump()}

@@ -57,6 +57,17 @@ class ModelConfig(_Strict):
         return self
 
 
+class DispatchConfig(_Strict):
+    """How the ingress groups concurrent requests into calls (serve_app/batching.py)."""
+
+    max_batch_size: int = Field(16, ge=1, le=256, description=(
+        "Most images in one preprocessor/classifier call. 1 turns grouping off."))
+    max_in_flight: int = Field(2, ge=1, le=1024, description=(
+        "Calls in flight per ingress replica. A request that finds one free leaves at once; "
+        "the others queue and leave together when one frees up. Enough to keep every "
+        "preprocessor and classifier replica busy; more only make the groups smaller."))
+
+
 class AppConfig(_Strict):
     """The application's ``args`` in a Serve config file."""
 
@@ -64,6 +75,7 @@ class AppConfig(_Strict):
     top_k_default: int = Field(5, ge=1, le=20, description="top_k when the client sends none.")
     max_body_bytes: int = Field(10 * 1024 * 1024, gt=0, description="Largest request body accepted.")
     max_image_pixels: int = Field(40_000_000, gt=0, description="Largest width*height decoded.")
+    dispatch: DispatchConfig = Field(default_factory=DispatchConfig)
     max_batch_files: int = Field(16, ge=1, le=256, description="Most images in one /v1/classify/batch.")
     readiness_timeout_s: float = Field(2.0, gt=0, description="How long /readyz waits for the classifier.")
     request_timeout_s: float = Field(60.0, gt=0, description="Upper bound for one classification.")

@@ -96,11 +96,16 @@ def check(data: dict[str, Any], source: str = "config") -> list[tuple[str, AppCo
             batching = parse_classifier_settings(classifier.get("user_config"))
         except ConfigError as exc:
             raise ConfigError(f"{where}: {exc}") from None
+        # A replica holds at most max_ongoing_requests calls of at most dispatch.max_batch_size
+        # images each; a batch larger than that could never fill (Ray issue #43288).
         max_ongoing = classifier.get("max_ongoing_requests", 32)
-        if batching.max_batch_size > max_ongoing:
+        reachable = max_ongoing * settings.dispatch.max_batch_size
+        if batching.max_batch_size > reachable:
             raise ConfigError(
                 f"{where}: Classifier user_config.max_batch_size ({batching.max_batch_size}) is "
-                f"larger than its max_ongoing_requests ({max_ongoing}): batches could never fill.")
+                f"larger than its max_ongoing_requests ({max_ongoing}) times "
+                f"args.dispatch.max_batch_size ({settings.dispatch.max_batch_size}): batches "
+                "could never fill.")
         known = {"Ingress", "Preprocessor", "Classifier"}
         for entry in app.get("deployments") or []:
             if entry.get("name") not in known:

@@ -1,8 +1,9 @@
 """The HTTP ingress: validation, error mapping and response shaping.
 
-It never decodes an image or touches the model: it hands the body to the preprocessor and
-passes the preprocessor's ``DeploymentResponse`` straight into the classifier, so image
-tensors go replica to replica without passing through here.
+It never decodes an image or touches the model. The images of concurrent requests go out in
+groups (serve_app/batching.py): one preprocessor call per group, whose ``DeploymentResponse``
+is passed straight into one classifier call, so crops go replica to replica without passing
+through here.
 """
 
 import asyncio
@@ -20,6 +21,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from serve_app.batching import CallBatcher
 from serve_app.config import AppConfig
 from serve_app.errors import (
     ClientError,
@@ -168,11 +170,16 @@ class Ingress:
         self.settings = settings
         self.model_info = model_info
         self.model_name = model_info["name"]
+        self.batcher = CallBatcher(self._classify_group, settings.dispatch.max_batch_size,
+                                   settings.dispatch.max_in_flight)
+
+    async def _classify_group(self, items: list[tuple[bytes, int]]) -> list:
+        crops = self.preprocessor.remote([data for data, _ in items])  # not awaited here
+        return await self.classifier.classify.remote(crops, [k for _, k in items])
 
     async def _classify_bytes(self, data: bytes, top_k: int) -> list[dict]:
-        tensor = self.preprocessor.remote(data)  # a DeploymentResponse, not awaited here
         try:
-            return await asyncio.wait_for(self.classifier.classify.remote(tensor, top_k),
+            return await asyncio.wait_for(self.batcher.submit((data, top_k)),
                                           self.settings.request_timeout_s)
         except Exception as exc:
             client_error = find_client_error(exc)
@@ -241,6 +248,11 @@ class Ingress:
             results.append(item)
         return json_response({"model": self.model_name, "results": results,
                               "request_id": request_id_of(request)})
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Images waiting here for a free call slot: load the Classifier's own request count
+        cannot see (serve_app.autoscaling adds it)."""
+        return {"images_queued": float(self.batcher.queued)}
 
     @app.get("/v1/models", summary="The served model")
     async def models(self) -> dict:

@@ -31,6 +31,7 @@ from typing import Any, Iterable
 import yaml
 
 from serve_app.configfile import deployment_options, load
+from serve_app.launch import RAY_CLUSTER_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON_TAG = "py311"  # the Python of the rayproject/ray base image (Dockerfile)
@@ -349,6 +350,7 @@ def _pod(group: GroupPlan, image: str, container: str, ports: dict[str, int],
             "name": container,
             "image": image,
             "imagePullPolicy": "IfNotPresent",
+            "env": [{"name": k, "value": v} for k, v in RAY_CLUSTER_ENV.items()],
             "ports": [{"name": n, "containerPort": p} for n, p in ports.items()],
             "resources": {"requests": dict(resources), "limits": dict(resources)},
             "securityContext": _container_security(),

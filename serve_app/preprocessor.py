@@ -1,8 +1,7 @@
-"""The CPU preprocessing deployment: image bytes in, a uint8 crop out."""
+"""The CPU preprocessing deployment: image bytes in, uint8 crops out."""
 
 from __future__ import annotations
 
-import torch
 from ray import serve
 
 from serve_app import imaging
@@ -13,8 +12,9 @@ from serve_app.runtime import configure_torch_threads
 class Preprocessor:
     """Decode, resize and center-crop with the model's own transform.
 
-    It returns uint8 (3, crop, crop) tensors: a quarter of the bytes of float32 to pickle and
-    move to the classifier, which normalizes on its own device.
+    One call carries the images of a group of requests (serve_app/batching.py). It returns
+    uint8 crops: a quarter of the bytes of float32 to move to the classifier, which normalizes
+    on its own device.
     """
 
     def __init__(self, transform: imaging.TransformSpec, max_image_pixels: int):
@@ -22,5 +22,5 @@ class Preprocessor:
         self.max_image_pixels = max_image_pixels
         configure_torch_threads()
 
-    def __call__(self, data: bytes) -> torch.Tensor:
-        return imaging.preprocess(data, self.transform, self.max_image_pixels)
+    def __call__(self, images: list[bytes]) -> imaging.Crops:
+        return imaging.preprocess_many(images, self.transform, self.max_image_pixels)

