@@ -104,6 +104,17 @@ def test_manifests_are_consistent(variant):
     assert k8s.consistency_errors(doc(variant), variant) == []
 
 
+@pytest.mark.parametrize("variant", k8s.VARIANTS, ids=lambda v: v.name)
+def test_every_pod_runs_ray_with_serve_apps_cluster_env(variant):
+    from serve_app.launch import RAY_CLUSTER_ENV
+
+    cluster = doc(variant)["spec"]["rayClusterConfig"]
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    for group in groups:
+        env = {e["name"]: e["value"] for e in ray_container(group).get("env", [])}
+        assert env == RAY_CLUSTER_ENV and env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+
+
 def test_gpu_manifest_shape():
     d = doc(GPU)
     cluster = d["spec"]["rayClusterConfig"]
