@@ -61,7 +61,8 @@ class DispatchConfig(_Strict):
     """How the ingress groups concurrent requests into calls (serve_app/batching.py)."""
 
     max_batch_size: int = Field(16, ge=1, le=256, description=(
-        "Most images in one preprocessor/classifier call. 1 turns grouping off."))
+        "Most images in one preprocessor/classifier call. 1 sends every request alone; then "
+        "max_in_flight bounds the requests in flight, so raise it with it."))
     max_in_flight: int = Field(2, ge=1, le=1024, description=(
         "Calls in flight per ingress replica. A request that finds one free leaves at once; "
         "the others queue and leave together when one frees up. Enough to keep every "
