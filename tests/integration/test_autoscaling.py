@@ -43,7 +43,10 @@ def rows(run_dir) -> list[dict]:
 def test_classifier_scales_up_and_back_to_one(rows, summary):
     running = [int(r["Classifier_running"]) for r in rows if r["Classifier_running"]]
     assert running[0] == 1, "the classifier should start at min_replicas"
-    assert max(running) >= 2, f"no scale-up under 32 users: {summary['scale_up_s']}"
+    held = [int(r["rps"]) for r in rows if r["users"] == "32" and r["rps"]]
+    assert max(running) >= 2, (
+        f"no scale-up under 32 users: {summary['scale_up_s']}, hold latency "
+        f"{summary['hold_latency_ms']} ms, {sum(held) / max(1, len(held)):.1f} req/s")
     assert running[-1] == 1, "the classifier did not return to one replica"
     assert summary["scale_up_s"]["Classifier"][0] is not None
     assert summary["scale_down_s"]["Classifier"] is not None
