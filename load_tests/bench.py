@@ -136,6 +136,16 @@ def interpolate_by_batch(table: dict[int, float], batch: float) -> float:
     return table[sizes[-1]]
 
 
+def model_forward_cpu_ms(forward_cpu: dict[str, dict[str, float]], batch: float) -> float:
+    """The forward pass's own CPU per image at ``batch``: the least over the thread counts
+    raw measured. More threads add synchronisation, and raw spins while it waits (OpenMP's
+    default) where a replica may sleep (OMP_WAIT_POLICY=PASSIVE): subtracting a multi-thread
+    figure would hide serving overhead instead of isolating the model."""
+    costs = [interpolate_by_batch({int(k): v for k, v in table.items()}, batch)
+             for table in forward_cpu.values() if table]
+    return min(costs) if costs else math.nan
+
+
 def cpu_ms_per_request(used_s: dict[str, float], requests: int, decode_ms: float,
                        forward_ms: float) -> dict[str, float]:
     """CPU ms per request by group, the total, and ``overhead``: the total less the model's
@@ -465,8 +475,7 @@ class Target:
 
 
 def drive(target: Target, photos: Sequence[bytes], levels: Sequence[int], duration: float,
-          warmup: float, max_requests: int, raw: Optional[dict], classifier_threads: int,
-          app: str = APP_NAME, single_group: Optional[str] = None) -> list[dict]:
+          warmup: float, max_requests: int, raw: Optional[dict], app: str = APP_NAME, single_group: Optional[str] = None) -> list[dict]:
     """One closed-loop run per concurrency level, with CPU and batch accounting."""
     rows = []
     for level in levels:
@@ -502,12 +511,8 @@ def drive(target: Target, photos: Sequence[bytes], levels: Sequence[int], durati
             else:
                 used = cpu_by_group(snaps["start"], snaps["end"])
                 decode = raw["decode_cpu_ms"] if raw else 0.0
-                forward = 0.0
-                if raw:
-                    table = raw["forward_cpu_ms"].get(str(classifier_threads)) or next(
-                        iter(raw["forward_cpu_ms"].values()))
-                    forward = interpolate_by_batch({int(k): v for k, v in table.items()},
-                                                   mean_batch or 1.0)
+                forward = (model_forward_cpu_ms(raw["forward_cpu_ms"], mean_batch or 1.0)
+                           if raw else 0.0)
                 row["cpu_ms_per_request"] = cpu_ms_per_request(used, result.completed, decode,
                                                                forward)
                 row["other_ray_detail"] = other_detail(snaps["start"], snaps["end"],
@@ -539,7 +544,7 @@ def run_served(args: argparse.Namespace, photos: Sequence[bytes], raw: Optional[
     if args.url:
         target = Target(args.url.rstrip("/"), None)
         return drive(target, photos, args.concurrency, args.duration, args.warmup,
-                     args.max_requests, raw, args.threads), {}
+                     args.max_requests, raw), {}
     log_path = Path(args.json).with_suffix(".serve.log") if args.json else None
     with ServeProcess(args.config, edit=edit_config(args.model, args.set), env=env,
                       log_path=log_path) as svc:
@@ -553,7 +558,7 @@ def run_served(args: argparse.Namespace, photos: Sequence[bytes], raw: Optional[
                 threads = next(iter(first.values()))["threads"] if first else 1
             target = Target(svc.url, svc.proc.pid, stats)
             rows = drive(target, photos, args.concurrency, args.duration, args.warmup,
-                         args.max_requests, raw, threads)
+                         args.max_requests, raw)
         finally:
             if stats is not None:
                 stats.close()
@@ -579,7 +584,7 @@ def run_naive(args: argparse.Namespace, photos: Sequence[bytes], model_cfg: dict
                 raise RuntimeError(f"naive server did not start: {proc.stderr.read()[-2000:]!r}")
             time.sleep(0.3)
         return drive(Target(url, proc.pid), photos, args.concurrency, args.duration,
-                     args.warmup, args.max_requests, None, args.threads, single_group="naive")
+                     args.warmup, args.max_requests, None, single_group="naive")
     finally:
         if proc.poll() is None:
             proc.terminate()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 
 import torch
@@ -11,7 +12,8 @@ from ray import serve
 
 from serve_app import imaging, models
 from serve_app.config import ClassifierSettings, ModelConfig, parse_classifier_settings
-from serve_app.runtime import assigned_resources, configure_torch_threads, select_device
+from serve_app.runtime import (assigned_resources, configure_torch_threads, cpu_threads,
+                               select_device)
 
 logger = logging.getLogger("ray.serve")
 
@@ -55,7 +57,7 @@ class Classifier:
     ``user_config`` so ``serve deploy`` retunes them without reloading the model."""
 
     def __init__(self, model: ModelConfig, warmup_iterations: int = 1):
-        resources = assigned_resources()
+        resources = self._resources = assigned_resources()
         self.threads = configure_torch_threads(resources)
         self.predictor = Predictor(model, select_device(resources))
         self.settings = _DEFAULTS
@@ -76,9 +78,21 @@ class Classifier:
 
     def reconfigure(self, user_config: dict) -> None:
         self.settings = parse_classifier_settings(user_config)
-        if self.settings.max_batch_size not in self._warm_sizes:  # before traffic sees it
-            self._warm_sizes.add(self.settings.max_batch_size)
-            self.predictor.warm_up([self.settings.max_batch_size], self.warmup_iterations)
+        threads = configure_torch_threads(self._resources, self.settings.torch_threads)
+        if threads > cpu_threads(self._resources) and \
+                os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
+            logger.warning("torch_threads %d is more than this replica's CPU share gives and "
+                           "idle OpenMP threads spin: beside other busy replicas that cost 4-6x "
+                           "the throughput here; set OMP_WAIT_POLICY=PASSIVE in runtime_env",
+                           threads)
+        # Warm what traffic will see first: a new batch size, or every size on a new thread
+        # count (oneDNN keys its kernels on the thread count and builds them on first use).
+        cold = {self.settings.max_batch_size} - self._warm_sizes
+        self._warm_sizes |= cold
+        if threads != self.threads:
+            self.threads, cold = threads, self._warm_sizes
+        if cold:
+            self.predictor.warm_up(sorted(cold), self.warmup_iterations)
         self._predict_batch.set_max_batch_size(self.settings.max_batch_size)
         self._predict_batch.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
 
@@ -86,6 +100,10 @@ class Classifier:
                  batch_wait_timeout_s=_DEFAULTS.batch_wait_timeout_s)
     async def _predict_batch(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
         batch = torch.stack(images)
+        # Here, not only in reconfigure: torch's thread count is per OS thread once a thread
+        # has run an op (OpenMP), and Ray runs __init__, reconfigure and requests on
+        # different threads. Set in reconfigure alone, 2 threads were reported and 1 used.
+        configure_torch_threads(threads=self.threads)
         started = time.perf_counter()
         # On the event loop, on purpose. Ray 2.60's batch loop forms the next batch as soon as
         # this one is *dispatched*; with the forward in a thread it keeps cutting size-1

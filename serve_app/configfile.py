@@ -21,6 +21,7 @@ from serve_app.config import (
     format_errors,
     parse_app_config,
     parse_classifier_settings,
+    threads_for_share,
 )
 
 APP_IMPORT_PATH = "serve_app.app:build_app"
@@ -79,6 +80,25 @@ def _check_policy(policy: Any, where: str) -> None:
         raise ConfigError(f"{where}: autoscaling_policy: {type(exc).__name__}: {exc}") from None
 
 
+def _check_threads(classifier: dict[str, Any], batching: ClassifierSettings, where: str) -> None:
+    """Refuse more torch threads than the CPU share on several replicas with OpenMP spinning:
+    measured on 2 cores, two replicas of 2 threads ran 4-6x slower (load_tests/RESULTS.md,
+    lever N). Idle threads that sleep (OMP_WAIT_POLICY=PASSIVE) share the cores instead."""
+    options = classifier.get("ray_actor_options") or {}
+    share = threads_for_share(options.get("num_cpus", 1))
+    autoscaling = classifier.get("autoscaling_config") or {}
+    replicas = (autoscaling.get("max_replicas", 1) if autoscaling
+                else classifier.get("num_replicas", 1))
+    env = ((options.get("runtime_env") or {}).get("env_vars") or {})
+    if (batching.torch_threads or share) > share and (replicas == "auto" or replicas > 1) \
+            and str(env.get("OMP_WAIT_POLICY", "")).upper() != "PASSIVE":
+        raise ConfigError(
+            f"{where}: Classifier user_config.torch_threads ({batching.torch_threads}) is more "
+            f"than its CPU share gives ({share}) on up to {replicas} replicas: OpenMP's spinning "
+            "threads would fight over the cores. Set OMP_WAIT_POLICY: PASSIVE in "
+            "ray_actor_options.runtime_env.env_vars, or keep one replica.")
+
+
 def check(data: dict[str, Any], source: str = "config") -> list[tuple[str, AppConfig, ClassifierSettings]]:
     """Validate a whole Serve config; return each serve_app application's parsed settings."""
     try:
@@ -106,6 +126,7 @@ def check(data: dict[str, Any], source: str = "config") -> list[tuple[str, AppCo
                 f"larger than its max_ongoing_requests ({max_ongoing}) times "
                 f"args.dispatch.max_batch_size ({settings.dispatch.max_batch_size}): batches "
                 "could never fill.")
+        _check_threads(classifier, batching, where)
         known = {"Ingress", "Preprocessor", "Classifier"}
         for entry in app.get("deployments") or []:
             if entry.get("name") not in known:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
+
+from serve_app.config import threads_for_share
 
 
 def assigned_resources() -> dict[str, float]:
@@ -25,13 +25,16 @@ def cpu_threads(resources: dict[str, float] | None = None) -> int:
     More threads than the share oversubscribes the node's cores; one probe of two replicas
     with default threads on 2 cores ran 40x slower than with one thread each.
     """
-    share = (resources if resources is not None else assigned_resources()).get("CPU", 1.0)
-    return max(1, math.floor(share))
+    return threads_for_share((resources if resources is not None else assigned_resources())
+                             .get("CPU", 1.0))
 
 
-def configure_torch_threads(resources: dict[str, float] | None = None) -> int:
-    threads = cpu_threads(resources)
-    torch.set_num_threads(threads)
+def configure_torch_threads(resources: dict[str, float] | None = None,
+                            threads: int | None = None) -> int:
+    """Set torch's intra-op threads: ``threads`` when given, else :func:`cpu_threads`."""
+    threads = threads or cpu_threads(resources)
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
     return threads
 
 

@@ -113,6 +113,15 @@ def test_interpolate_by_batch_is_log_linear_and_clamped():
     assert math.isnan(bench.interpolate_by_batch({}, 2))
 
 
+def test_model_forward_cpu_is_the_least_over_thread_counts():
+    # As raw writes it: {threads: {batch: CPU ms per image}}; 2 spinning threads cost more CPU.
+    forward_cpu = {"2": {"1": 48.0, "8": 32.7}, "1": {"1": 35.9, "8": 26.3}}
+    assert bench.model_forward_cpu_ms(forward_cpu, 1) == 35.9
+    assert bench.model_forward_cpu_ms(forward_cpu, 8) == 26.3
+    assert bench.model_forward_cpu_ms({"2": {"1": 30.0}, "1": {"1": 35.9}}, 1) == 30.0
+    assert math.isnan(bench.model_forward_cpu_ms({}, 4))
+
+
 def test_batch_delta_sums_replicas_including_new_ones():
     before = {"a": {"batches": 10, "images": 40, "calls": 20}}
     after = {"a": {"batches": 15, "images": 70, "calls": 26}, "b": {"batches": 2, "images": 6,

@@ -57,6 +57,10 @@ def test_classifier_user_config_is_validated():
         parse_classifier_settings({"max_batch_sise": 16})
     with pytest.raises(ConfigError, match="user_config.batch_wait_timeout_s"):
         parse_classifier_settings({"batch_wait_timeout_s": -1})
+    assert parse_classifier_settings({}).torch_threads is None  # the CPU share decides
+    assert parse_classifier_settings({"torch_threads": 2}).torch_threads == 2
+    with pytest.raises(ConfigError, match="user_config.torch_threads: .*greater than or equal to 1"):
+        parse_classifier_settings({"torch_threads": 0})
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -99,6 +103,25 @@ def test_batches_that_cannot_fill_are_refused():
     with pytest.raises(ConfigError, match=r"\(8\) times args.dispatch.max_batch_size \(1\).*"
                                           "batches could never fill"):
         configfile.check(data)
+
+
+def test_threads_beyond_the_cpu_share_on_several_spinning_replicas_are_refused():
+    data = _local_config()  # Classifier: num_cpus 0.8 (1 thread), 1-2 replicas
+    classifier = configfile.deployment_options(data["applications"][0], "Classifier")
+    classifier["user_config"]["torch_threads"] = 1
+    configfile.check(data)  # what the share gives anyway
+    classifier["user_config"]["torch_threads"] = 2
+    with pytest.raises(ConfigError, match=r"torch_threads \(2\) is more than its CPU share "
+                                          r"gives \(1\) on up to 2 replicas.*PASSIVE"):
+        configfile.check(data)
+    classifier["ray_actor_options"]["runtime_env"] = {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}}
+    configfile.check(data)  # idle threads sleep: allowed
+    del classifier["ray_actor_options"]["runtime_env"]
+    classifier["autoscaling_config"]["max_replicas"] = 1
+    configfile.check(data)  # one replica has the spare cores to itself
+    classifier["ray_actor_options"]["num_cpus"] = 2
+    classifier["autoscaling_config"]["max_replicas"] = 3
+    configfile.check(data)  # 2 threads on a 2-CPU share
 
 
 def test_unknown_deployment_and_ray_schema_errors_are_reported():

@@ -1,14 +1,17 @@
 """Model registry, weight loading and the Predictor (no Ray)."""
 
+import asyncio
 import os
+from concurrent.futures import ThreadPoolExecutor
+from unittest import mock
 
 import pytest
 import torch
 import torchvision
 from skimage import data
 
-from serve_app import imaging, models, runtime
-from serve_app.classifier import Predictor
+from serve_app import classifier, imaging, models, runtime
+from serve_app.classifier import Classifier, Predictor
 from serve_app.config import ModelConfig
 
 CAT_CLASSES = {"tabby", "tiger cat", "Persian cat", "Siamese cat", "Egyptian cat"}
@@ -94,6 +97,37 @@ def test_mobilenet_v2_weights_file_classifies_real_photos():
 @pytest.mark.parametrize("share,threads", [(0.25, 1), (0.8, 1), (1.0, 1), (2.5, 2), (4, 4)])
 def test_threads_follow_the_cpu_share(share, threads):
     assert runtime.cpu_threads({"CPU": share}) == threads
+
+
+def test_classifier_threads_follow_user_config_without_a_restart():
+    """``user_config.torch_threads`` overrides the CPU share on reconfigure (no model reload),
+    null hands the choice back to the share, and the forward pass uses it even on a thread
+    that ran ops before the change (torch's count is per thread then; Ray calls reconfigure
+    and serves requests on different threads)."""
+    before = torch.get_num_threads()
+    crop = torch.zeros((3, 224, 224), dtype=torch.uint8)
+    loop = asyncio.new_event_loop()
+
+    async def forward() -> int:  # the batch handler itself, without Serve's batch queue
+        await Classifier.func_or_class._predict_batch.__wrapped__(clf, [crop])
+        return torch.get_num_threads()
+
+    try:
+        clf = Classifier.func_or_class(ModelConfig(name="mobilenet_v3_small", weights=None))
+        model = clf.predictor.model
+        with ThreadPoolExecutor(1) as requests:  # one thread, like a replica's request loop
+            assert requests.submit(loop.run_until_complete, forward()).result() == 1
+            with mock.patch.object(classifier.logger, "warning") as warning:
+                clf.reconfigure({"torch_threads": 2, "max_batch_size": 4})
+            assert "OMP_WAIT_POLICY=PASSIVE" in warning.call_args.args[0]  # beyond the share
+            assert requests.submit(loop.run_until_complete, forward()).result() == 2
+            assert clf.predictor.model is model and clf._warm_sizes == {1, 4, 8}
+            clf.reconfigure({"max_batch_size": 4})
+            assert requests.submit(loop.run_until_complete, forward()).result() == 1
+        assert clf.threads == 1
+    finally:
+        loop.close()
+        torch.set_num_threads(before)
 
 
 def test_device_is_cpu_without_a_gpu_assignment():
