@@ -78,9 +78,9 @@ class Classifier:
 
     def reconfigure(self, user_config: dict) -> None:
         self.settings = parse_classifier_settings(user_config)
-        threads = configure_torch_threads(self._resources, self.settings.torch_threads)
-        if threads > cpu_threads(self._resources) and \
-                os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
+        share = cpu_threads(self._resources)
+        threads = configure_torch_threads(threads=self.settings.torch_threads or share)
+        if threads > share and os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
             logger.warning("torch_threads %d is more than this replica's CPU share gives and "
                            "idle OpenMP threads spin: beside other busy replicas that cost 4-6x "
                            "the throughput here; set OMP_WAIT_POLICY=PASSIVE in runtime_env",

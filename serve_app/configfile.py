@@ -90,7 +90,8 @@ def _check_threads(classifier: dict[str, Any], batching: ClassifierSettings, whe
     replicas = (autoscaling.get("max_replicas", 1) if autoscaling
                 else classifier.get("num_replicas", 1))
     env = ((options.get("runtime_env") or {}).get("env_vars") or {})
-    if (batching.torch_threads or share) > share and (replicas == "auto" or replicas > 1) \
+    threads = batching.torch_threads or share
+    if threads > share and (replicas == "auto" or replicas > 1) \
             and str(env.get("OMP_WAIT_POLICY", "")).upper() != "PASSIVE":
         raise ConfigError(
             f"{where}: Classifier user_config.torch_threads ({batching.torch_threads}) is more "
