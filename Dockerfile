@@ -13,6 +13,11 @@ ENV TORCH_HOME=/home/ray/.cache/torch \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
+# model.compile (configs/local.yaml) builds C++ kernels when a classifier replica starts: g++.
+RUN sudo apt-get update \
+    && sudo apt-get install -y --no-install-recommends g++ \
+    && sudo rm -rf /var/lib/apt/lists/*
+
 WORKDIR /home/ray/serve_app
 # The rayproject/ray images run as user ray (uid 1000, group users, gid 100): the same ids the
 # manifests' securityContext asks for.

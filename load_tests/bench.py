@@ -527,9 +527,14 @@ def drive(target: Target, photos: Sequence[bytes], levels: Sequence[int], durati
 
 
 def edit_config(model: Optional[str], overrides: Sequence[str]):
+    """The config edit for ``--model`` and ``--set``. ``--model`` swaps the network for one
+    with random weights and keeps the file's other model settings (dtype, compile, ...)."""
     def edit(config: dict) -> None:
         if model:
-            apply_override(config, "args.model=" + json.dumps({"name": model, "weights": None}))
+            kept = {k: v for k, v in (config["applications"][0].get("args") or {})
+                    .get("model", {}).items() if k not in ("name", "weights", "weights_path")}
+            apply_override(config, "args.model=" + json.dumps(
+                {**kept, "name": model, "weights": None}))
         for assignment in overrides:
             apply_override(config, assignment)
     return edit

@@ -32,14 +32,29 @@ class Predictor:
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         model = models.build_model(cfg)
         self.model = model.to(self.device, dtype=self.dtype, memory_format=self.memory_format)
+        self.compiled = cfg.compile
+        self.network = models.compile_model(self.model, self.device) if cfg.compile else self.model
 
     @torch.inference_mode()
     def predict(self, batch: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) uint8 to (N, classes) float32 probabilities on the CPU."""
         x = batch.to(self.device, non_blocking=True)
         x = imaging.normalize(x, self.info.transform.mean, self.info.transform.std, self.dtype)
-        logits = self.model(x.contiguous(memory_format=self.memory_format))
+        x = x.contiguous(memory_format=self.memory_format)
+        if self.compiled and len(x) > 1:
+            # A graph for a range of batch sizes, not a recompile (5-40 s on a CPU) for each
+            # new size traffic forms. Size 1 keeps its own graph; the range ends where the
+            # convolution backend torch picks changes (at 16 for some layers).
+            torch._dynamo.maybe_mark_dynamic(x, 0)
+        logits = self.network(x)
         return logits.float().softmax(dim=-1).cpu()
+
+    def sizes_to_warm(self, max_batch_size: int) -> list[int]:
+        """The batch sizes to run before serving up to ``max_batch_size``: the two ends, or,
+        compiled, every size (only those outside the graphs so far compile)."""
+        if self.compiled:
+            return list(range(1, max_batch_size + 1))
+        return sorted({1, max_batch_size})
 
     def warm_up(self, batch_sizes: list[int], iterations: int = 1) -> None:
         size = self.info.transform.crop_size
@@ -70,11 +85,11 @@ class Classifier:
         self._last_stats: dict[str, float] = {}
         started = time.perf_counter()
         self.warmup_iterations = warmup_iterations
-        self._warm_sizes = {1, _DEFAULTS.max_batch_size}
+        self._warm_sizes = set(self.predictor.sizes_to_warm(_DEFAULTS.max_batch_size))
         self.predictor.warm_up(sorted(self._warm_sizes), warmup_iterations)
-        logger.info("Classifier %s on %s (%s, %d threads) warmed up in %.2fs",
+        logger.info("Classifier %s on %s (%s, %d threads%s) warmed up in %.2fs",
                     model.name, self.predictor.device, self.predictor.dtype, self.threads,
-                    time.perf_counter() - started)
+                    ", compiled" if model.compile else "", time.perf_counter() - started)
 
     def reconfigure(self, user_config: dict) -> None:
         self.settings = parse_classifier_settings(user_config)
@@ -87,7 +102,7 @@ class Classifier:
                            threads)
         # Warm what traffic will see first: a new batch size, or every size on a new thread
         # count (oneDNN keys its kernels on the thread count and builds them on first use).
-        cold = {self.settings.max_batch_size} - self._warm_sizes
+        cold = set(self.predictor.sizes_to_warm(self.settings.max_batch_size)) - self._warm_sizes
         self._warm_sizes |= cold
         if threads != self.threads:
             self.threads, cold = threads, self._warm_sizes

@@ -61,6 +61,7 @@ class Footprint:
     """
 
     model: str
+    compile: bool  # a compiled classifier holds Inductor's code and frozen weights besides
     max_batch_size: int
     max_image_pixels: int
     shared_libs: float
@@ -77,19 +78,21 @@ class Footprint:
 #   .venv/bin/python k8s/measure_footprint.py --config configs/local.yaml
 #   Classifier: resnet50 1021-1071 MiB private at peak over 5 runs (loading holds the weights
 #   twice for a moment; a 32-image batch's activations are ~126 MiB), efficientnet_lite0
-#   577-607. Every replica starts at ~412 MiB private once ray and torch are imported (ray
+#   577-607 eager; compiled (model.compile, configs/local.yaml since lever O) 959-1016 over
+#   3 runs from an empty compile cache: ~700-760 private plus 256-264 of g++ while it
+#   compiles. Every replica starts at ~412 MiB private once ray and torch are imported (ray
 #   and ray.serve alone: 71). Preprocessor: peaks of +196 MiB for a 12 MP JPEG, +607 MiB for
 #   a 40 MP JPEG, +968 MiB for a 40 MP RGBA PNG (alpha compositing copies the image).
 #   On a GPU the model and activations move to device memory but CUDA adds host memory of its
 #   own; that is not measured here: run the script with --device cuda on a GPU node.
 FOOTPRINTS: dict[str, Footprint] = {
     "configs/gpu.yaml": Footprint(
-        model="resnet50", max_batch_size=32, max_image_pixels=40_000_000, shared_libs=574.0,
-        classifier=1070.8, preprocessor=1380.3, ingress=413.8, serve_actor=71.4,
+        model="resnet50", compile=False, max_batch_size=32, max_image_pixels=40_000_000,
+        shared_libs=574.0, classifier=1070.8, preprocessor=1380.3, ingress=413.8, serve_actor=71.4,
         ray_head=500.2, ray_worker=168.8),
     "configs/local.yaml": Footprint(
-        model="efficientnet_lite0", max_batch_size=8, max_image_pixels=40_000_000,
-        shared_libs=573.9, classifier=606.5, preprocessor=1380.2, ingress=413.9,
+        model="efficientnet_lite0", compile=True, max_batch_size=8, max_image_pixels=40_000_000,
+        shared_libs=573.9, classifier=1015.9, preprocessor=1380.2, ingress=413.9,
         serve_actor=71.4, ray_head=499.6, ray_worker=168.8),
 }
 
@@ -584,12 +587,19 @@ def consistency_errors(doc: dict[str, Any], variant: Variant, root: Path = ROOT)
 
     fp = FOOTPRINTS.get(variant.config)
     settings = _args(config)
+    if settings.get("model", {}).get("compile") and not re.search(
+            r"apt-get install[^\n]*\bg\+\+", dockerfile.read_text() if dockerfile.exists() else ""):
+        errors.append(f"{variant.config} compiles the model (model.compile: true), which needs "
+                      "g++ in the image; the Dockerfile does not apt-get install it")
     classifier = deployment_options(config["applications"][0], "Classifier")
-    measured = (settings.get("model", {}).get("name"), settings.get("max_image_pixels"),
+    model = settings.get("model", {})
+    measured = (model.get("name"), bool(model.get("compile", False)),
+                settings.get("max_image_pixels"),
                 (classifier.get("user_config") or {}).get("max_batch_size"))
-    if fp is None or measured != (fp.model, fp.max_image_pixels, fp.max_batch_size):
-        errors.append(f"{variant.config} now serves {measured} (model, max_image_pixels, "
-                      f"max_batch_size) but pods are sized for {fp and (fp.model, fp.max_image_pixels, fp.max_batch_size)}: "
+    sized = fp and (fp.model, fp.compile, fp.max_image_pixels, fp.max_batch_size)
+    if measured != sized:
+        errors.append(f"{variant.config} now serves {measured} (model, compile, "
+                      f"max_image_pixels, max_batch_size) but pods are sized for {sized}: "
                       f"run k8s/measure_footprint.py --config {variant.config} and update FOOTPRINTS")
         return errors
 

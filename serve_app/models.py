@@ -7,6 +7,7 @@ torchvision's weights enums do, so the preprocessor and classifier never guess.
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING
@@ -122,3 +123,23 @@ def build_model(cfg: "ModelConfig") -> torch.nn.Module:
         state = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
     return model.eval()
+
+
+def compile_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``torch.compile`` for serving: Inductor, with the weights frozen into the graph.
+
+    Freezing lets Inductor fold batch norms into convolutions and pre-pack the weights for
+    oneDNN, which is most of the gain on a CPU. Compiling happens on the first call with a
+    new shape (batch sizes share graphs, see ``Predictor.predict``), so warm every size traffic
+    can form before taking any (``Predictor.sizes_to_warm``).
+    """
+    if device.type == "cpu":
+        compiler = os.environ.get("CXX") or "g++"
+        if shutil.which(compiler) is None:
+            raise RuntimeError(
+                f"model.compile: true needs a C++ compiler on the CPU, and {compiler!r} is not "
+                "on PATH; install g++ (or set $CXX), or set model.compile: false")
+    # Compiler processes: as many as the replica's threads (its CPU share), not one per core
+    # of the node; each g++ holds hundreds of MiB while it runs (k8s/measure_footprint.py).
+    return torch.compile(model, options={"freezing": True,
+                                         "compile_threads": torch.get_num_threads()})

@@ -13,7 +13,7 @@ import pytest
 from load_tests import bench
 from tests.conftest import CONFIGS, ROOT
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(240)]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(420)]
 
 
 def _serve_processes() -> set[int]:
@@ -35,7 +35,7 @@ def test_bench_smoke(tmp_path):
            "--model", "resnet18", "--duration", "3", "--warmup", "1", "--concurrency", "1,4",
            "--batch-sizes", "1,4", "--raw-seconds", "0.5", "--naive", "--json", str(out),
            "--set", "Classifier.autoscaling_config=null", "--set", "Classifier.num_replicas=1"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=220)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     result = json.loads(out.read_text())

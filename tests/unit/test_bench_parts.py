@@ -67,6 +67,18 @@ def test_overrides_edit_deployments_args_and_top_level():
         bench.apply_override(config, "no_equals_sign")
 
 
+def test_model_flag_swaps_the_network_and_keeps_the_other_model_settings():
+    """``--model resnet50`` on configs/gpu.yaml must still run float16 (and compiled, when the
+    file says so): only the network and its weights change."""
+    config = {"applications": [{"args": {"model": {
+        "name": "efficientnet_lite0", "weights": "DEFAULT", "weights_path": "/w.pth",
+        "dtype": "float16", "compile": True}}}]}
+    bench.edit_config("resnet50", ["args.model.channels_last=false"])(config)
+    assert config["applications"][0]["args"]["model"] == {
+        "name": "resnet50", "weights": None, "dtype": "float16", "compile": True,
+        "channels_last": False}
+
+
 @pytest.mark.parametrize("cmdline, group", [
     ("ray::ServeReplica:serve_app:Ingress", "ingress"),
     ("ray::ServeReplica:serve_app:Preprocessor.handle_request", "preprocessor"),

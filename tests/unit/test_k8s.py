@@ -199,12 +199,29 @@ def test_serve_config_rejected_by_ray_is_reported():
     assert any("Ray rejects this Serve config" in e for e in errors), errors
 
 
-def test_a_model_change_asks_for_a_new_measurement(tmp_path):
+@pytest.mark.parametrize("old,new", [
+    ("name: resnet50", "name: resnet101"),
+    ("channels_last: true", "channels_last: true\n        compile: true"),  # more memory
+])
+def test_a_model_change_asks_for_a_new_measurement(tmp_path, old, new):
     root = copy_repo(tmp_path)
     path = root / GPU.config
-    path.write_text(path.read_text().replace("name: resnet50", "name: resnet101"))
+    assert old in path.read_text()
+    path.write_text(path.read_text().replace(old, new))
     errors = k8s.consistency_errors(k8s.manifest(GPU, root), GPU, root)
     assert any("measure_footprint.py" in e for e in errors), errors
+
+
+def test_a_compiled_model_needs_g_plus_plus_in_the_image(tmp_path):
+    root = copy_repo(tmp_path)
+    path = root / CPU.config
+    assert "compile: true" in path.read_text()
+    assert not any("g++" in e for e in k8s.consistency_errors(k8s.manifest(CPU, root), CPU, root))
+    dockerfile = root / "Dockerfile"
+    dockerfile.write_text(dockerfile.read_text().replace("install -y --no-install-recommends g++",
+                                                         "install -y --no-install-recommends curl"))
+    errors = k8s.consistency_errors(k8s.manifest(CPU, root), CPU, root)
+    assert any("needs g++ in the image" in e for e in errors), errors
 
 
 def test_dockerfile_must_use_the_pinned_ray_image(tmp_path):
