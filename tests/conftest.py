@@ -1,11 +1,26 @@
 import io
 from pathlib import Path
 
+import psutil
 import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
+
+
+def processes_with(*needles: str) -> set[int]:
+    """PIDs of the processes whose command line contains one of ``needles``; compared before
+    and after a tool runs, to show it stopped everything it started."""
+    found = set()
+    for proc in psutil.process_iter():
+        try:
+            cmdline = " ".join(proc.cmdline())
+        except psutil.Error:
+            continue
+        if any(needle in cmdline for needle in needles):
+            found.add(proc.pid)
+    return found
 
 
 def encode(array, fmt: str = "JPEG", **kwargs) -> bytes:

@@ -7,25 +7,16 @@ import json
 import subprocess
 import sys
 
-import psutil
 import pytest
 
 from load_tests import bench
-from tests.conftest import CONFIGS, ROOT
+from tests.conftest import CONFIGS, ROOT, processes_with
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(420)]
 
 
 def _serve_processes() -> set[int]:
-    found = set()
-    for proc in psutil.process_iter():
-        try:
-            cmdline = " ".join(proc.cmdline())
-        except psutil.Error:
-            continue
-        if "naive_server" in cmdline or "--stats-driver" in cmdline:
-            found.add(proc.pid)
-    return found
+    return processes_with("naive_server", "--stats-driver")
 
 
 def test_bench_smoke(tmp_path):
