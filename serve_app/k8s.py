@@ -88,8 +88,8 @@ class Footprint:
 FOOTPRINTS: dict[str, Footprint] = {
     "configs/gpu.yaml": Footprint(
         model="resnet50", compile=False, max_batch_size=32, max_image_pixels=40_000_000,
-        shared_libs=574.0, classifier=1070.8, preprocessor=1380.3, ingress=413.8, serve_actor=71.4,
-        ray_head=500.2, ray_worker=168.8),
+        shared_libs=574.0, classifier=1070.8, preprocessor=1380.3, ingress=413.8,
+        serve_actor=71.4, ray_head=500.2, ray_worker=168.8),
     "configs/local.yaml": Footprint(
         model="efficientnet_lite0", compile=True, max_batch_size=8, max_image_pixels=40_000_000,
         shared_libs=573.9, classifier=1015.9, preprocessor=1380.2, ingress=413.9,
