@@ -581,18 +581,18 @@ def consistency_errors(doc: dict[str, Any], variant: Variant, root: Path = ROOT)
     if cluster.get("rayVersion") != ray_version:
         errors.append(f"rayVersion {cluster.get('rayVersion')} is not the pinned Ray {ray_version}")
     dockerfile = root / "Dockerfile"
-    froms = re.findall(r"^FROM\s+(\S+)", dockerfile.read_text(), re.M) if dockerfile.exists() else []
+    dockerfile_text = dockerfile.read_text() if dockerfile.exists() else ""
+    froms = re.findall(r"^FROM\s+(\S+)", dockerfile_text, re.M)
     if froms[:1] != [base_image(root)]:
         errors.append(f"Dockerfile is not FROM {base_image(root)} (found {froms[:1]})")
 
     fp = FOOTPRINTS.get(variant.config)
     settings = _args(config)
-    if settings.get("model", {}).get("compile") and not re.search(
-            r"apt-get install[^\n]*\bg\+\+", dockerfile.read_text() if dockerfile.exists() else ""):
+    model = settings.get("model", {})
+    if model.get("compile") and not re.search(r"apt-get install[^\n]*\bg\+\+", dockerfile_text):
         errors.append(f"{variant.config} compiles the model (model.compile: true), which needs "
                       "g++ in the image; the Dockerfile does not apt-get install it")
     classifier = deployment_options(config["applications"][0], "Classifier")
-    model = settings.get("model", {})
     measured = (model.get("name"), bool(model.get("compile", False)),
                 settings.get("max_image_pixels"),
                 (classifier.get("user_config") or {}).get("max_batch_size"))
