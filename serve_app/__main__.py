@@ -1,4 +1,5 @@
-"""``python -m serve_app check CONFIG...``: validate Serve config files before deploying them."""
+"""``python -m serve_app check CONFIG...``: validate Serve config files before deploying them;
+``python -m serve_app compile CONFIG...``: build their compiled models ahead of the first start."""
 
 from __future__ import annotations
 
@@ -13,6 +14,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check", help="validate Serve config files (Ray's schema and serve_app's)")
     check.add_argument("configs", nargs="+")
+    build = sub.add_parser("compile", help="build the compiled model artifacts a config's "
+                           "classifiers will load (model.compile: true), if not built yet")
+    build.add_argument("configs", nargs="+")
     sub.add_parser("k8s", add_help=False, help="render | check the KubeRay manifests in k8s/ "
                    "(python -m serve_app k8s --help)")
     argv = sys.argv[1:] if argv is None else argv
@@ -35,6 +39,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(exc, file=sys.stderr)
                 status = 1
         return status
+    if args.command == "compile":
+        from serve_app.compiling import compile_configs
+
+        return compile_configs(args.configs)
     return 2
 
 

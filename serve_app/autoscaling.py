@@ -17,6 +17,9 @@ Two entry points, both classes so ``policy_kwargs`` in the YAML reach them:
 * ``serve_app.autoscaling:AppPolicy``: an application policy: the Classifier as above, the
   Preprocessor in proportion to the Classifier, the Ingress as Ray's default would.
 
+Every deployment keeps its target while replicas are starting (:func:`hold_while_starting`),
+so a replica is never removed sooner than ``downscale_delay_s`` after it became ready.
+
 Ray wraps either one: ``upscale_delay_s``/``downscale_delay_s`` and the scaling factors of each
 deployment's ``autoscaling_config`` still apply, and the result is bounded by min/max replicas.
 The arithmetic lives in pure functions below, tested without Ray.
@@ -25,6 +28,7 @@ The arithmetic lives in pure functions below, tested without Ray.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
@@ -154,6 +158,38 @@ def queue_length_replicas(total_requests: float, target_ongoing: float, current:
     return clamp(math.ceil(max(0.0, total_requests) / target_ongoing), min_replicas, max_replicas)
 
 
+#: Policy-state key: when the deployment last began having replicas that are not running yet.
+STARTING_SINCE = "starting_since"
+
+
+def hold_while_starting(desired: int, target: int, running: int, starting_since: Optional[float],
+                        now: float, limit_s: float) -> tuple[int, Optional[float]]:
+    """Keep the target while replicas are still starting; returns (desired, starting_since).
+
+    Ray times ``downscale_delay_s`` from the first lower decision, even one made while the
+    replica it will remove is still loading: a load that ended during a start removed the
+    new replica 9 s after it became ready, with a 30 s delay. Holding until every replica runs
+    makes the delay count from readiness, so no replica lives less than it. ``limit_s`` bounds
+    the hold for a replica that never starts (no resources for it).
+    """
+    if running >= target:
+        return desired, None
+    starting_since = now if starting_since is None else starting_since
+    if desired < target and now - starting_since < limit_s:
+        desired = target
+    return desired, starting_since
+
+
+def _hold(ctx: Any, desired: int, state: dict[str, Any], limit_s: float) -> int:
+    """:func:`hold_while_starting` on a Ray AutoscalingContext, its clock in the policy state."""
+    now = ctx.current_time if ctx.current_time is not None else time.time()
+    held, since = hold_while_starting(desired, ctx.target_num_replicas,
+                                      ctx.current_num_replicas,
+                                      (ctx.policy_state or {}).get(STARTING_SINCE), now, limit_s)
+    state[STARTING_SINCE] = since
+    return held
+
+
 def _check(latency_target_s: float, downscale_headroom: float) -> None:
     if latency_target_s <= 0:
         raise ValueError(f"latency_target_s must be > 0, got {latency_target_s}")
@@ -168,10 +204,12 @@ class BatchAwarePolicy:
     one replica; ``downscale_headroom``, how full the remaining replicas may be after a scale-down.
     """
 
-    def __init__(self, latency_target_s: float = 1.0, downscale_headroom: float = 0.8):
+    def __init__(self, latency_target_s: float = 1.0, downscale_headroom: float = 0.8,
+                 start_hold_limit_s: float = 300.0):
         _check(latency_target_s, downscale_headroom)
         self.latency_target_s = latency_target_s
         self.downscale_headroom = downscale_headroom
+        self.start_hold_limit_s = start_hold_limit_s
 
     def decide(self, ctx: Any, images_queued: Optional[float] = None) -> tuple[int, dict[str, Any]]:
         """``images_queued``: images waiting upstream (the ingress's queue), when known."""
@@ -185,8 +223,9 @@ class BatchAwarePolicy:
                                    ctx.capacity_adjusted_min_replicas,
                                    ctx.capacity_adjusted_max_replicas, self.downscale_headroom)
         # Kept in the policy state: visible in the controller log when debugging a decision.
-        return desired, {"capacity": round(capacity, 2), "load": round(load, 2),
-                         "desired": desired}
+        state = {"capacity": round(capacity, 2), "load": round(load, 2)}
+        state["desired"] = desired = _hold(ctx, desired, state, self.start_hold_limit_s)
+        return desired, state
 
     def __call__(self, ctx: Any) -> tuple[int, dict[str, Any]]:
         return self.decide(ctx)
@@ -203,10 +242,11 @@ class AppPolicy:
     """
 
     def __init__(self, latency_target_s: float = 1.0, downscale_headroom: float = 0.8,
-                 preprocessors_per_classifier: float = 0.5):
+                 preprocessors_per_classifier: float = 0.5, start_hold_limit_s: float = 300.0):
         if preprocessors_per_classifier < 0:
             raise ValueError("preprocessors_per_classifier must be >= 0")
-        self.classifier = BatchAwarePolicy(latency_target_s, downscale_headroom)
+        self.classifier = BatchAwarePolicy(latency_target_s, downscale_headroom,
+                                           start_hold_limit_s)
         self.preprocessors_per_classifier = preprocessors_per_classifier
 
     def __call__(self, contexts: Mapping[Any, Any]) -> tuple[dict[Any, int], dict[Any, dict]]:
@@ -232,6 +272,7 @@ class AppPolicy:
                 floor = math.ceil(self.preprocessors_per_classifier * classifier_replicas)
                 desired = clamp(max(desired, floor), ctx.capacity_adjusted_min_replicas,
                                 ctx.capacity_adjusted_max_replicas)
-            decisions[dep_id] = desired
-            states[dep_id] = {"desired": desired}
+            states[dep_id] = {}
+            decisions[dep_id] = states[dep_id]["desired"] = _hold(
+                ctx, desired, states[dep_id], self.classifier.start_hold_limit_s)
         return decisions, states

@@ -5,62 +5,85 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import subprocess
+import threading
 import time
 
 import torch
 from ray import serve
 
-from serve_app import imaging, models
+from serve_app import artifacts, imaging, models
 from serve_app.config import ClassifierSettings, ModelConfig, parse_classifier_settings
 from serve_app.runtime import (assigned_resources, configure_torch_threads, cpu_threads,
                                select_device)
 
 logger = logging.getLogger("ray.serve")
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _DEFAULTS = ClassifierSettings()
 
 
 class Predictor:
-    """A loaded network on its device: uint8 batches in, probabilities out. No Ray here."""
+    """A network on its device: uint8 batches in, probabilities out. No Ray here.
 
-    def __init__(self, cfg: ModelConfig, device: torch.device | None = None):
+    With ``model.compile`` it runs the compiled artifact built for this machine
+    (serve_app/artifacts.py) without building the eager network at all; when none is built
+    yet it runs the eager network until :meth:`use_compiled` swaps one in.
+    """
+
+    def __init__(self, cfg: ModelConfig, device: torch.device | None = None,
+                 threads: int | None = None):
         self.info = models.describe(cfg)
         self.device = device or torch.device("cpu")
-        # Reduced precision only where it pays: on a GPU. CPU kernels for fp16 are slow.
-        self.dtype = _DTYPES[cfg.dtype] if self.device.type == "cuda" else torch.float32
+        self.dtype = artifacts.effective_dtype(cfg, self.device.type)
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-        model = models.build_model(cfg)
-        self.model = model.to(self.device, dtype=self.dtype, memory_format=self.memory_format)
-        self.compiled = cfg.compile
-        self.network = models.compile_model(self.model, self.device) if cfg.compile else self.model
+        self.artifact = (artifacts.Artifact.of(cfg, self.device, threads or torch.get_num_threads())
+                         if cfg.compile else None)
+        network = self.artifact.load() if self.artifact else None
+        self.model: torch.nn.Module | None = None
+        if network is None:
+            self.model = models.build_model(cfg).to(self.device, dtype=self.dtype,
+                                                    memory_format=self.memory_format)
+            self._runner: tuple = (self.model, None)
+        else:
+            self._runner = (network, artifacts.MAX_BATCH)
+
+    @property
+    def compiled(self) -> bool:
+        return self._runner[1] is not None
+
+    def use_compiled(self, network: artifacts.Network, warm: list[int], iterations: int = 1) -> None:
+        """Warm ``network`` on ``warm`` batch sizes, then serve it from the next batch on and
+        drop the eager one. One assignment, so a batch running on another thread finishes on
+        whichever network it started with."""
+        runner = (network, artifacts.MAX_BATCH)
+        self.warm_up(warm, iterations, runner)
+        self._runner = runner
+        self.model = None
 
     @torch.inference_mode()
-    def predict(self, batch: torch.Tensor) -> torch.Tensor:
+    def predict(self, batch: torch.Tensor, runner: tuple | None = None) -> torch.Tensor:
         """(N, 3, H, W) uint8 to (N, classes) float32 probabilities on the CPU."""
+        network, limit = runner or self._runner
         x = batch.to(self.device, non_blocking=True)
         x = imaging.normalize(x, self.info.transform.mean, self.info.transform.std, self.dtype)
         x = x.contiguous(memory_format=self.memory_format)
-        if self.compiled and len(x) > 1:
-            # A graph for a range of batch sizes, not a recompile (5-40 s on a CPU) for each
-            # new size traffic forms. Size 1 keeps its own graph; the range ends where the
-            # convolution backend torch picks changes (at 16 for some layers).
-            torch._dynamo.maybe_mark_dynamic(x, 0)
-        logits = self.network(x)
+        if limit is None or len(x) <= limit:
+            logits = network(x)
+        else:  # a compiled network takes at most its batch range at once
+            logits = torch.cat([network(chunk) for chunk in x.split(limit)])
         return logits.float().softmax(dim=-1).cpu()
 
-    def sizes_to_warm(self, max_batch_size: int) -> list[int]:
-        """The batch sizes to run before serving up to ``max_batch_size``: the two ends, or,
-        compiled, every size (only those outside the graphs so far compile)."""
-        if self.compiled:
-            return list(range(1, max_batch_size + 1))
+    @staticmethod
+    def sizes_to_warm(max_batch_size: int) -> list[int]:
+        """The batch sizes to run before serving up to ``max_batch_size``: the two ends."""
         return sorted({1, max_batch_size})
 
-    def warm_up(self, batch_sizes: list[int], iterations: int = 1) -> None:
+    def warm_up(self, batch_sizes: list[int], iterations: int = 1,
+                runner: tuple | None = None) -> None:
         size = self.info.transform.crop_size
         for n in batch_sizes:
             for _ in range(iterations):
-                self.predict(torch.zeros((n, 3, size, size), dtype=torch.uint8))
+                self.predict(torch.zeros((n, 3, size, size), dtype=torch.uint8), runner)
 
 
 @serve.deployment(
@@ -72,9 +95,10 @@ class Classifier:
     ``user_config`` so ``serve deploy`` retunes them without reloading the model."""
 
     def __init__(self, model: ModelConfig, warmup_iterations: int = 1):
+        init_started = time.perf_counter()
         resources = self._resources = assigned_resources()
         self.threads = configure_torch_threads(resources)
-        self.predictor = Predictor(model, select_device(resources))
+        self.predictor = Predictor(model, select_device(resources), self.threads)
         self.settings = _DEFAULTS
         self._batches = 0
         self._images = 0
@@ -83,13 +107,39 @@ class Classifier:
         self._calls = 0
         self._reported = (0, 0, 0.0)  # the counters at the last autoscaling report
         self._last_stats: dict[str, float] = {}
-        started = time.perf_counter()
+        self._first_batch: dict[str, float] = {}
         self.warmup_iterations = warmup_iterations
         self._warm_sizes = set(self.predictor.sizes_to_warm(_DEFAULTS.max_batch_size))
         self.predictor.warm_up(sorted(self._warm_sizes), warmup_iterations)
-        logger.info("Classifier %s on %s (%s, %d threads%s) warmed up in %.2fs",
-                    model.name, self.predictor.device, self.predictor.dtype, self.threads,
-                    ", compiled" if model.compile else "", time.perf_counter() - started)
+        self.init_s = time.perf_counter() - init_started
+        self._builder: subprocess.Popen | None = None
+        if model.compile and not self.predictor.compiled:
+            # Serve the eager network now; build the artifact at the lowest CPU priority and
+            # swap it in when it is ready, so no start ever waits for a compile.
+            self._builder = self.predictor.artifact.build_in_background(model, self.predictor.device)
+            threading.Thread(target=self._swap_in_when_built, name="serve_app-artifact",
+                             daemon=True).start()
+        mode = ("compiled" if self.predictor.compiled else
+                "eager, compiled artifact building in the background" if model.compile else "eager")
+        logger.info("Classifier %s on %s (%s, %d threads, %s) loaded and warmed up in %.2fs",
+                    model.name, self.predictor.device, self.predictor.dtype, self.threads, mode,
+                    self.init_s)
+
+    def _swap_in_when_built(self) -> None:
+        code = self._builder.wait()
+        network = self.predictor.artifact.load()
+        if network is None:
+            logger.warning("Compiled artifact build failed (exit %s); serving the eager network",
+                           code)
+            return
+        configure_torch_threads(threads=self.threads)  # per OS thread, as in _predict_batch
+        self.predictor.use_compiled(network, sorted(self._warm_sizes), self.warmup_iterations)
+        logger.info("Classifier now serves the compiled artifact %s", self.predictor.artifact.path)
+
+    def __del__(self):
+        builder = getattr(self, "_builder", None)
+        if builder is not None and builder.poll() is None:
+            builder.terminate()  # a replica that stops takes its build along; others rebuild
 
     def reconfigure(self, user_config: dict) -> None:
         self.settings = parse_classifier_settings(user_config)
@@ -126,6 +176,16 @@ class Classifier:
         # makes the next batch take everything that arrived during this forward pass.
         probs = self.predictor.predict(batch)
         self._busy_s += time.perf_counter() - started
+        if not self._first_batch:
+            # When this replica began serving, and what its start cost in CPU (the process's
+            # own user + system time: Ray's worker start, imports, load, warm-up).
+            times = os.times()
+            self._first_batch = {"first_batch_at": time.time(),
+                                 "cpu_s_before_serving": round(times.user + times.system, 2)}
+            logger.info("Classifier first batch: at %.3f (epoch), %.2f CPU-s spent before it, "
+                        "init %.2fs, %s", self._first_batch["first_batch_at"],
+                        self._first_batch["cpu_s_before_serving"], self.init_s,
+                        "compiled" if self.predictor.compiled else "eager")
         self._batches += 1
         self._images += len(images)
         return list(probs)
@@ -171,5 +231,6 @@ class Classifier:
         classified. ``replica`` tells replicas apart, so a benchmark can sum over them."""
         return {"replica": serve.get_replica_context().replica_id.unique_id,
                 "calls": self._calls, "batches": self._batches, "images": self._images,
-                "threads": self.threads,
+                "threads": self.threads, "compiled": self.predictor.compiled,
+                "init_s": round(self.init_s, 3), **self._first_batch,
                 "device": str(self.predictor.device), **self.settings.model_dump()}

@@ -39,20 +39,25 @@ class ModelConfig(_Strict):
         "Compute dtype on a GPU; the CPU always computes in float32."))
     channels_last: bool = Field(True, description="Use the channels_last memory format.")
     compile: bool = Field(False, description=(
-        "torch.compile the network (Inductor, weights frozen into the graph) when a replica "
-        "starts: ~2x the forward speed of efficientnet_lite0 and ~1.2x of resnet18 on this "
-        "CPU, for 20-60 s more start-up per replica (load_tests/RESULTS.md, lever O). On the "
-        "CPU it needs a C++ compiler (g++, or $CXX)."))
+        "Serve the network compiled ahead of time (torch.export + AOTInductor, weights frozen "
+        "in): ~1.5x the forward speed of efficientnet_lite0 on this CPU. Built once per "
+        "machine into artifact_dir (python -m serve_app compile CONFIG, or by the first "
+        "replica that finds none, in the background while it serves the eager network); "
+        "later replicas load it in under a second. Building needs a C++ compiler on the CPU "
+        "(g++, or $CXX)."))
+    artifact_dir: Optional[str] = Field(None, description=(
+        "Where compiled artifacts are kept ($VARS expanded). null: $SERVE_APP_ARTIFACT_DIR, "
+        "else ~/.cache/serve_app/artifacts."))
     seed: int = Field(0, description="Seed for random weights.")
 
-    @field_validator("weights_path")
+    @field_validator("weights_path", "artifact_dir")
     @classmethod
-    def _expand(cls, value: Optional[str]) -> Optional[str]:
+    def _expand(cls, value: Optional[str], info) -> Optional[str]:
         if value is None:
             return None
         expanded = os.path.expanduser(os.path.expandvars(value))
         if "$" in expanded or not expanded.strip():
-            raise ValueError(f"weights_path {value!r} names an unset environment variable")
+            raise ValueError(f"{info.field_name} {value!r} names an unset environment variable")
         return expanded
 
     @model_validator(mode="after")

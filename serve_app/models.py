@@ -125,21 +125,13 @@ def build_model(cfg: "ModelConfig") -> torch.nn.Module:
     return model.eval()
 
 
-def compile_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """``torch.compile`` for serving: Inductor, with the weights frozen into the graph.
-
-    Freezing lets Inductor fold batch norms into convolutions and pre-pack the weights for
-    oneDNN, which is most of the gain on a CPU. Compiling happens on the first call with a
-    new shape (batch sizes share graphs, see ``Predictor.predict``), so warm every size traffic
-    can form before taking any (``Predictor.sizes_to_warm``).
-    """
+def require_cxx(device: torch.device) -> None:
+    """Inductor builds C++ on the CPU: fail with the setting's name, not a compiler traceback."""
     if device.type == "cpu":
         compiler = os.environ.get("CXX") or "g++"
         if shutil.which(compiler) is None:
             raise RuntimeError(
-                f"model.compile: true needs a C++ compiler on the CPU, and {compiler!r} is not "
-                "on PATH; install g++ (or set $CXX), or set model.compile: false")
-    # Compiler processes: as many as the replica's threads (its CPU share), not one per core
-    # of the node; each g++ holds hundreds of MiB while it runs (k8s/measure_footprint.py).
-    return torch.compile(model, options={"freezing": True,
-                                         "compile_threads": torch.get_num_threads()})
+                f"model.compile: true needs a C++ compiler on the CPU to build the compiled "
+                f"artifact, and {compiler!r} is not on PATH; install g++ (or set $CXX), build it "
+                "elsewhere on the same kind of machine (python -m serve_app compile), or set "
+                "model.compile: false")

@@ -28,7 +28,7 @@ APP = "serve_app"
 def context(name: str = "Classifier", *, total: float, current: int, target: int | None = None,
             metrics: dict | None = None, raw: dict | None = None, min_replicas: int = 1,
             max_replicas: int = 4,
-            state: dict | None = None, **config) -> AutoscalingContext:
+            state: dict | None = None, now: float = 0.0, **config) -> AutoscalingContext:
     cfg = AutoscalingConfig(min_replicas=min_replicas, max_replicas=max_replicas,
                             target_ongoing_requests=config.pop("target_ongoing_requests", 8),
                             upscale_delay_s=config.pop("upscale_delay_s", 0),
@@ -40,7 +40,7 @@ def context(name: str = "Classifier", *, total: float, current: int, target: int
         total_queued_requests=0.0, aggregated_metrics=metrics or {}, raw_metrics=raw or {},
         capacity_adjusted_min_replicas=min_replicas, capacity_adjusted_max_replicas=max_replicas,
         policy_state=state or {}, last_scale_up_time=None, last_scale_down_time=None,
-        current_time=0.0, config=cfg)
+        current_time=now, config=cfg)
 
 
 def reported(replicas: int = 1, batch: int = 8, fill: float = 8.0, latency_s: float = 0.5) -> dict:
@@ -168,6 +168,41 @@ def test_scale_down_only_after_delay(clock):
         decision, state = wrapped(ctx)
         decisions.append(decision)
     assert decisions == [2, 2, 2, 2, 1]  # t=0,3,6,9 hold; t=12 >= 10 s after the first wish
+
+
+@pytest.mark.parametrize("policy", [BatchAwarePolicy, AppPolicy])
+def test_a_new_replica_lives_at_least_the_downscale_delay(clock, policy):
+    """The load ends while the second replica is still starting: Ray alone would start the
+    downscale clock at once and remove the replica seconds after it became ready (seen: 9 s
+    with a 30 s delay). The hold starts it when every replica runs."""
+    app_level = policy is AppPolicy
+    wrapped = (ray_policy._apply_app_level_autoscaling_config(policy()) if app_level
+               else ray_policy._apply_autoscaling_config(policy()))
+    state: dict = {}
+    decisions = []
+    ready_at = 1015.0
+    for step in range(12):  # idle; target 2; one tick every 3 s; downscale_delay_s 10
+        clock.now = 1000.0 + 3 * step
+        running = 2 if clock.now >= ready_at else 1
+        ctx = context(total=0, current=running, target=2, metrics=reported(running),
+                      state=state, now=clock.now, downscale_delay_s=10)
+        if app_level:
+            decision_of, states = wrapped({ctx.deployment_id: ctx})
+            decision, state = decision_of[ctx.deployment_id], states[ctx.deployment_id]
+        else:
+            decision, state = wrapped(ctx)
+        decisions.append((clock.now, decision))
+    removed_at = next(t for t, n in decisions if n == 1)
+    assert removed_at - ready_at >= 10, decisions
+    assert removed_at == 1027.0, decisions  # and no later than the delay after readiness
+
+
+def test_the_start_hold_gives_up_on_a_replica_that_never_starts():
+    assert autoscaling.hold_while_starting(1, 2, 1, None, 50.0, 300.0) == (2, 50.0)
+    assert autoscaling.hold_while_starting(1, 2, 1, 50.0, 349.0, 300.0) == (2, 50.0)
+    assert autoscaling.hold_while_starting(1, 2, 1, 50.0, 351.0, 300.0) == (1, 50.0)
+    assert autoscaling.hold_while_starting(3, 2, 1, 50.0, 60.0, 300.0) == (3, 50.0)  # up: as is
+    assert autoscaling.hold_while_starting(1, 2, 2, 50.0, 60.0, 300.0) == (1, None)  # all run
 
 
 def test_scale_up_waits_for_upscale_delay(clock):

@@ -83,29 +83,6 @@ def test_predictor_equals_the_reference_pipeline():
     assert torch.allclose(ours, reference, atol=1e-5)
 
 
-@pytest.mark.slow
-def test_compiled_predictor_equals_eager_and_never_compiles_under_traffic():
-    """``model.compile``: the same probabilities as the eager network, and once the sizes it
-    names are warm, no batch size up to the maximum compiles again (a compile stalls a replica
-    for seconds, and under traffic every request in it waits)."""
-    cfg = ModelConfig(name="resnet18", weights=None, compile=True)
-    compiled, eager = Predictor(cfg), Predictor(cfg.model_copy(update={"compile": False}))
-    assert eager.sizes_to_warm(8) == [1, 8] and compiled.sizes_to_warm(8) == list(range(1, 9))
-    compiled.warm_up(compiled.sizes_to_warm(8))
-    batch = torch.randint(0, 256, (8, 3, 224, 224), dtype=torch.uint8,
-                          generator=torch.Generator().manual_seed(0))
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        for n in (1, 3, 8, 5, 1):
-            assert torch.allclose(compiled.predict(batch[:n]), eager.predict(batch[:n]),
-                                  atol=1e-5), n
-
-
-def test_compile_without_a_cxx_compiler_names_the_setting(monkeypatch):
-    monkeypatch.setenv("CXX", "no-such-compiler++")
-    with pytest.raises(RuntimeError, match="model.compile: true needs a C\\+\\+ compiler"):
-        Predictor(ModelConfig(name="resnet18", weights=None, compile=True))
-
-
 @pytest.mark.skipif(not os.environ.get("SERVE_APP_TEST_MOBILENET_V2_WEIGHTS"),
                     reason="SERVE_APP_TEST_MOBILENET_V2_WEIGHTS is unset (CI sets it to the "
                            "mobilenet_v2 weights in ../shared/models)")
