@@ -20,16 +20,15 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Optional
 
-from load_tests import shapes, timeline
+from load_tests import replica_starts, shapes, timeline
 from load_tests.client import require_loopback
 from serve_app.configfile import APP_IMPORT_PATH
-from load_tests.sampling import ServeStatusClient, dashboard_url_from_log
+from load_tests.sampling import Sampler, ServeStatusClient, dashboard_url_from_log
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 MAX_DURATION_S = 1800
@@ -57,30 +56,6 @@ def policy_name(app: dict) -> str:
 def min_replicas(app: dict) -> dict[str, int]:
     return {dep["name"]: int(dep["autoscaling_config"].get("min_replicas", 1))
             for dep in app.get("deployments") or [] if dep.get("autoscaling_config")}
-
-
-class Sampler(threading.Thread):
-    """Replica counts once a second, in the background, until stopped."""
-
-    def __init__(self, client: ServeStatusClient, period_s: float = 1.0):
-        super().__init__(daemon=True)
-        self.client = client
-        self.period_s = period_s
-        self.samples: list[tuple[float, dict]] = []  # (epoch, counts)
-        self._done = threading.Event()
-
-    def run(self) -> None:
-        while not self._done.is_set():
-            started = time.time()
-            self.samples.append((started, self.client.replicas()))
-            self._done.wait(max(0.0, self.period_s - (time.time() - started)))
-
-    def stop(self) -> None:
-        self._done.set()
-        self.join(timeout=5)
-
-    def latest(self) -> dict:
-        return self.samples[-1][1] if self.samples else {}
 
 
 def at_min(counts: dict, mins: dict[str, int]) -> bool:
@@ -186,6 +161,25 @@ def plot(path: Path, rows: list[dict], deployments: list[str], profile: shapes.P
     plt.close(fig)
 
 
+def classifier_start_summary(log: str, origin: float, rows: list[dict],
+                             profile: shapes.Profile) -> dict:
+    """Each classifier scale-up from decision to first batch, the requests served per 5 s
+    window from the window before the first decision to the end of the peak (a start that
+    starves the serving replicas shows as a dip), and how long replicas served before a
+    scale-down removed one."""
+    parsed = replica_starts.parse(log.splitlines())
+    started = replica_starts.starts(parsed, origin)
+    out: dict = {"classifier_starts": started,
+                 "removed_after_serving_s": replica_starts.removals_after_serving(
+                     parsed, started, origin)}
+    if started and profile.hold:
+        windows = replica_starts.served_windows(rows, started[0]["decided_s"], profile.hold[1])
+        out["served_per_5s_from_first_decision"] = windows
+        out["worst_window_vs_before"] = (round(min(windows[1:]) / windows[0], 2)
+                                         if len(windows) > 1 and windows[0] else None)
+    return out
+
+
 def check_loopback(url: str) -> None:
     try:
         require_loopback(url)
@@ -242,6 +236,9 @@ def run(args: argparse.Namespace) -> dict:
             "command": " ".join(["python", "-m", "load_tests.autoscale_experiment", *args.argv])}
     summary = timeline.summarize(requests, rel_samples, rows, profile, end_s, mins,
                                  args.p95_target_ms, meta)
+    if not args.url:  # the Serve log is ours: when each new classifier replica served
+        summary.update(classifier_start_summary((out / "serve.log").read_text(errors="replace"),
+                                                start, rows, profile))
     write_csv(out / "timeline.csv", columns, rows)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     title = f"{Path(args.config).name} | {profile.name} {profile.base_users}->{profile.peak_users} users | {summary['policy']}"
@@ -277,8 +274,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[list[str]] = None) -> int:
     summary = run(parse_args(argv))
     keys = ("policy", "scale_up_s", "p95_recover_s", "scale_down_s", "replica_seconds",
-            "requests", "failed", "p95_hold_ms")
-    print(json.dumps({k: summary[k] for k in keys}, indent=2))
+            "requests", "failed", "p95_hold_ms", "classifier_starts",
+            "served_per_5s_from_first_decision", "worst_window_vs_before",
+            "removed_after_serving_s")
+    print(json.dumps({k: summary[k] for k in keys if k in summary}, indent=2))
     return 0
 
 

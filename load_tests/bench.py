@@ -37,6 +37,7 @@ from typing import Any, Iterable, Optional, Sequence
 import yaml
 
 from load_tests.client import run_load
+from load_tests.sampling import Sampler, ServeStatusClient, dashboard_url_from_log
 
 APP_NAME = "serve_app"
 GROUPS = ("ingress", "proxy", "preprocessor", "classifier", "raylet", "other_ray")
@@ -159,6 +160,18 @@ def cpu_ms_per_request(used_s: dict[str, float], requests: int, decode_ms: float
     return out
 
 
+def replicas_text(ranges: Optional[dict[str, list[int]]]) -> str:
+    """``1/1/1-2``: running Ingress/Preprocessor/Classifier replicas while a level was
+    measured (a range where autoscaling moved them)."""
+    if not ranges:
+        return "-"
+    parts = []
+    for name in ("Ingress", "Preprocessor", "Classifier"):
+        low, high = ranges.get(name, [None, None])
+        parts.append("?" if low is None else str(low) if low == high else f"{low}-{high}")
+    return "/".join(parts)
+
+
 def format_table(result: dict) -> str:
     """The one table the benchmark prints: raw, served rows, naive rows."""
     raw = result.get("raw") or {}
@@ -170,7 +183,7 @@ def format_table(result: dict) -> str:
                      f"CPU ms/img")
     head = (f"{'target':<7}{'conc':>5}{'req/s':>8}{'p50':>8}{'p95':>8}{'p99':>8}{'err':>5}"
             f"{'batch':>6}{'call':>5}{'/raw':>6} | cpu ms/req: {'ingr':>5}{'proxy':>6}{'prep':>6}"
-            f"{'clf':>6}{'rlet':>5}{'other':>6}{'total':>7}{'ovhd':>6}")
+            f"{'clf':>6}{'rlet':>5}{'other':>6}{'total':>7}{'ovhd':>6} | replicas I/P/C")
     lines += [head, "-" * len(head)]
 
     def num(value: Any, width: int, digits: int = 1) -> str:
@@ -189,7 +202,8 @@ def format_table(result: dict) -> str:
                 f"{num(cpu.get('ingress'), 5)}{num(cpu.get('proxy'), 6)}"
                 f"{num(cpu.get('preprocessor'), 6)}{num(cpu.get('classifier'), 6)}"
                 f"{num(cpu.get('raylet'), 5)}{num(cpu.get('other_ray'), 6)}"
-                f"{num(cpu.get('total'), 7)}{num(cpu.get('overhead'), 6)}")
+                f"{num(cpu.get('total'), 7)}{num(cpu.get('overhead'), 6)}"
+                f" | {replicas_text(row.get('replicas'))}")
     if "ratio" in result:
         lines.append(f"served/raw at saturation: {result['ratio']:.2f}")
     return "\n".join(lines)
@@ -225,7 +239,8 @@ def measure_raw(model_cfg: dict, photos: Sequence[bytes], threads: int,
     from serve_app.config import ModelConfig
 
     torch.set_num_threads(threads)
-    predictor = Predictor(ModelConfig.model_validate(model_cfg), torch.device(device))
+    predictor = Predictor(ModelConfig.model_validate(model_cfg), torch.device(device),
+                          build=True)
     spec = predictor.info.transform
 
     def images(n: int, offset: int) -> list[bytes]:
@@ -472,6 +487,7 @@ class Target:
     url: str
     root_pid: Optional[int]
     stats: Optional[ClassifierStats] = None
+    replicas: Optional["ServeStatusClient"] = None  # replica counts, sampled while measuring
 
 
 def drive(target: Target, photos: Sequence[bytes], levels: Sequence[int], duration: float,
@@ -480,11 +496,14 @@ def drive(target: Target, photos: Sequence[bytes], levels: Sequence[int], durati
     rows = []
     for level in levels:
         snaps: dict[str, Any] = {}
+        sampler = Sampler(target.replicas) if target.replicas is not None else None
 
         def on_window(edge: str) -> None:
             snaps[edge] = snapshot(target.root_pid, app)
             if target.stats is not None:
                 target.stats.request()
+            if sampler is not None:
+                sampler.start() if edge == "start" else sampler.stop()
 
         result = run_load(target.url + "/v1/classify", photos, level, duration,
                           warmup_s=warmup, max_requests=max_requests, on_window=on_window)
@@ -503,6 +522,11 @@ def drive(target: Target, photos: Sequence[bytes], levels: Sequence[int], durati
             row["classifier_replicas"] = len(after)
         row["mean_batch"] = mean_batch
         row["images_per_call"] = mean_call
+        if sampler is not None:
+            sampler.stop()
+            # [min, max] running per deployment while measured: an autoscaling config's
+            # topology is part of the result.
+            row["replicas"] = sampler.running_range()
         if "start" in snaps and "end" in snaps and result.completed:
             if single_group:  # the naive server: one process, everything is "the model"
                 used = sum(e[1] for e in snaps["end"].values()) - sum(
@@ -555,13 +579,15 @@ def run_served(args: argparse.Namespace, photos: Sequence[bytes], raw: Optional[
                       log_path=log_path) as svc:
         found = cluster_address(svc.proc.pid)
         stats = ClassifierStats(*found) if found else None
+        dashboard = dashboard_url_from_log(svc.log_path.read_text(errors="replace"))
+        replicas = ServeStatusClient(dashboard, APP_NAME) if dashboard else None
         try:
             threads = 1
             if stats is not None:
                 stats.request()
                 first = stats.collect()
                 threads = next(iter(first.values()))["threads"] if first else 1
-            target = Target(svc.url, svc.proc.pid, stats)
+            target = Target(svc.url, svc.proc.pid, stats, replicas)
             rows = drive(target, photos, args.concurrency, args.duration, args.warmup,
                          args.max_requests, raw)
         finally:

@@ -95,7 +95,7 @@ def measure_in_process(model_cfg: dict, threads: int, n: int, pause_s: float) ->
     from serve_app.config import ModelConfig
 
     torch.set_num_threads(threads)
-    predictor = Predictor(ModelConfig.model_validate(model_cfg))
+    predictor = Predictor(ModelConfig.model_validate(model_cfg), build=True)
     predictor.warm_up(predictor.sizes_to_warm(1))
     info, photo = predictor.info, photos_jpeg()[0][1]
     crops = imaging.preprocess_many([photo], info.transform, 40_000_000)

@@ -25,7 +25,7 @@ from serve_app.errors import ClientError
 
 def build(model: ModelConfig, threads: int, max_image_pixels: int = 40_000_000) -> FastAPI:
     torch.set_num_threads(threads)
-    predictor = Predictor(model)
+    predictor = Predictor(model, build=True)
     predictor.warm_up([1])
     info = predictor.info
     app = FastAPI()

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -84,3 +86,37 @@ class ServeStatusClient:
                 return parse_applications(json.loads(resp.read()), self.app)
         except (OSError, urllib.error.HTTPError, ValueError):
             return {}
+
+
+class Sampler(threading.Thread):
+    """Replica counts once a second, in the background, until stopped."""
+
+    def __init__(self, client: ServeStatusClient, period_s: float = 1.0):
+        super().__init__(daemon=True)
+        self.client = client
+        self.period_s = period_s
+        self.samples: list[tuple[float, dict]] = []  # (epoch, counts)
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        while not self._done.is_set():
+            started = time.time()
+            self.samples.append((started, self.client.replicas()))
+            self._done.wait(max(0.0, self.period_s - (time.time() - started)))
+
+    def stop(self) -> None:
+        self._done.set()
+        if self.ident is not None:  # started
+            self.join(timeout=5)
+
+    def latest(self) -> dict:
+        return self.samples[-1][1] if self.samples else {}
+
+    def running_range(self) -> dict[str, list[int]]:
+        """[min, max] running replicas per deployment over the samples so far."""
+        seen: dict[str, list[int]] = {}
+        for _, counts in self.samples:
+            for name, c in counts.items():
+                low, high = seen.get(name, [c.running, c.running])
+                seen[name] = [min(low, c.running), max(high, c.running)]
+        return seen

@@ -15,7 +15,7 @@ from ray import serve
 from serve_app import artifacts, imaging, models
 from serve_app.config import ClassifierSettings, ModelConfig, parse_classifier_settings
 from serve_app.runtime import (assigned_resources, configure_torch_threads, cpu_threads,
-                               select_device)
+                               process_started_at, select_device)
 
 logger = logging.getLogger("ray.serve")
 
@@ -31,13 +31,18 @@ class Predictor:
     """
 
     def __init__(self, cfg: ModelConfig, device: torch.device | None = None,
-                 threads: int | None = None):
+                 threads: int | None = None, build: bool = False):
+        """``threads``: what the artifact is compiled for (default: torch's current count).
+        ``build``: build a missing artifact now, before returning (tools and benchmarks; a
+        replica serves eager and builds in the background instead)."""
         self.info = models.describe(cfg)
         self.device = device or torch.device("cpu")
         self.dtype = artifacts.effective_dtype(cfg, self.device.type)
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.artifact = (artifacts.Artifact.of(cfg, self.device, threads or torch.get_num_threads())
                          if cfg.compile else None)
+        if self.artifact is not None and build:
+            self.artifact.build(cfg, self.device)
         network = self.artifact.load() if self.artifact else None
         self.model: torch.nn.Module | None = None
         if network is None:
@@ -181,11 +186,14 @@ class Classifier:
             # own user + system time: Ray's worker start, imports, load, warm-up).
             times = os.times()
             self._first_batch = {"first_batch_at": time.time(),
-                                 "cpu_s_before_serving": round(times.user + times.system, 2)}
+                                 "cpu_s_before_serving": round(times.user + times.system, 2),
+                                 "process_started_at": process_started_at() or 0.0}
             logger.info("Classifier first batch: at %.3f (epoch), %.2f CPU-s spent before it, "
-                        "init %.2fs, %s", self._first_batch["first_batch_at"],
+                        "init %.2fs, %s, process started at %.3f",
+                        self._first_batch["first_batch_at"],
                         self._first_batch["cpu_s_before_serving"], self.init_s,
-                        "compiled" if self.predictor.compiled else "eager")
+                        "compiled" if self.predictor.compiled else "eager",
+                        self._first_batch["process_started_at"])
         self._batches += 1
         self._images += len(images)
         return list(probs)

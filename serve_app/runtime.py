@@ -44,3 +44,19 @@ def select_device(resources: dict[str, float] | None = None) -> torch.device:
     if gpus > 0 and torch.cuda.is_available():
         return torch.device("cuda", 0)
     return torch.device("cpu")
+
+
+def process_started_at() -> float | None:
+    """When this process started (epoch seconds, Linux /proc), to tell a replica's own start
+    time from Ray's time to schedule and spawn it. None where /proc is not there."""
+    import os
+    import time
+
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime"))
+    except (OSError, ValueError, StopIteration, IndexError):
+        return None
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
