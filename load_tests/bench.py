@@ -575,6 +575,8 @@ def run_served(args: argparse.Namespace, photos: Sequence[bytes], raw: Optional[
         return drive(target, photos, args.concurrency, args.duration, args.warmup,
                      args.max_requests, raw), {}
     log_path = Path(args.json).with_suffix(".serve.log") if args.json else None
+    if log_path is not None:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
     with ServeProcess(args.config, edit=edit_config(args.model, args.set), env=env,
                       log_path=log_path) as svc:
         found = cluster_address(svc.proc.pid)

@@ -550,6 +550,22 @@ def _containers(doc: dict[str, Any]) -> list[tuple[str, dict[str, Any], dict[str
             for name, g in groups]
 
 
+def artifact_errors(dockerfile_text: str, config: str) -> list[str]:
+    """A compiled config's image must carry its artifact, in the directory pods look in: a pod
+    without one serves the eager network until it has compiled its own (a minute or more of a
+    core, per pod)."""
+    errors = []
+    if not re.search(rf"^RUN\s+python -m serve_app compile\b[^\n]*\s{re.escape(config)}\b",
+                     dockerfile_text, re.M):
+        errors.append(f"{config} serves a compiled model (model.compile: true) but the "
+                      f"Dockerfile does not bake its artifact: add `RUN python -m serve_app "
+                      f"compile {config}`")
+    if not re.search(r"^ENV\b[^#]*\bSERVE_APP_ARTIFACT_DIR=", dockerfile_text, re.M | re.S):
+        errors.append("the Dockerfile does not set ENV SERVE_APP_ARTIFACT_DIR: baked artifacts "
+                      "would land in the build user's home cache, not where pods look")
+    return errors
+
+
 def consistency_errors(doc: dict[str, Any], variant: Variant, root: Path = ROOT) -> list[str]:
     """What KubeRay's schema cannot see: versions, resources against the Serve config's
     replicas and the measured footprints, GPU scheduling, the object store, security."""
@@ -592,6 +608,8 @@ def consistency_errors(doc: dict[str, Any], variant: Variant, root: Path = ROOT)
     if model.get("compile") and not re.search(r"apt-get install[^\n]*\bg\+\+", dockerfile_text):
         errors.append(f"{variant.config} compiles the model (model.compile: true), which needs "
                       "g++ in the image; the Dockerfile does not apt-get install it")
+    if model.get("compile"):
+        errors += artifact_errors(dockerfile_text, variant.config)
     classifier = deployment_options(config["applications"][0], "Classifier")
     measured = (model.get("name"), bool(model.get("compile", False)),
                 settings.get("max_image_pixels"),

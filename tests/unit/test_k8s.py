@@ -224,6 +224,20 @@ def test_a_compiled_model_needs_g_plus_plus_in_the_image(tmp_path):
     assert any("needs g++ in the image" in e for e in errors), errors
 
 
+def test_a_compiled_model_must_be_baked_into_the_image(tmp_path):
+    root = copy_repo(tmp_path)
+    assert not any("artifact" in e for e in k8s.consistency_errors(k8s.manifest(CPU, root), CPU, root))
+    dockerfile = root / "Dockerfile"
+    text = dockerfile.read_text()
+    dockerfile.write_text(text.replace("RUN python -m serve_app compile configs/local.yaml",
+                                       "RUN true"))
+    errors = k8s.consistency_errors(k8s.manifest(CPU, root), CPU, root)
+    assert any("does not bake its artifact" in e for e in errors), errors
+    dockerfile.write_text(text.replace("    SERVE_APP_ARTIFACT_DIR=/home/ray/serve_app_artifacts \\\n", ""))
+    errors = k8s.consistency_errors(k8s.manifest(CPU, root), CPU, root)
+    assert any("SERVE_APP_ARTIFACT_DIR" in e for e in errors), errors
+
+
 def test_dockerfile_must_use_the_pinned_ray_image(tmp_path):
     root = copy_repo(tmp_path)
     dockerfile = root / "Dockerfile"
