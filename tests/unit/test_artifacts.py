@@ -119,7 +119,7 @@ def test_the_key_names_what_the_code_depends_on(tmp_path):
     assert one.path != two.path and one.path.parent == tmp_path
     key = one.key
     assert key["torch"] == torch.__version__ and key["batch"] == [1, artifacts.MAX_BATCH]
-    assert key["vec_isa"] and key["cpu_flags"] and key["dtype"] == "float32"
+    assert key["cpu_isa"] and key["cpu_flags"] and key["dtype"] == "float32"
     assert Artifact.of(small(tmp_path, seed=1), CPU, 1).path != one.path
     # The CPU computes in float32 whatever dtype says, so the artifact is the same.
     assert Artifact.of(small(tmp_path, dtype="float16"), CPU, 1).path == one.path
