@@ -17,6 +17,8 @@ import pytest
 import yaml
 
 from load_tests import autoscale_experiment, timeline
+from serve_app import compiling
+from serve_app.configfile import deployment_options
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -32,6 +34,9 @@ def run_dir(tmp_path_factory) -> Path:
     kwargs["latency_target_s"] /= 2
     config_path = tmp_path_factory.mktemp("config") / CONFIG.name
     config_path.write_text(yaml.safe_dump(config))
+    # The compiled artifact, built once per machine (a no-op once it is there), so every
+    # replica here starts as a new replica of the shipped config does: by loading it.
+    assert compiling.compile_configs([str(config_path)]) == 0
     # 100 s: 15 s at 2 users, 50 s at 32, 35 s back at 2 (scale-down happens under load).
     args = autoscale_experiment.parse_args([
         "--config", str(config_path), "--shape", "step", "--duration", "100", "--base-users", "2",
@@ -68,6 +73,25 @@ def test_no_request_fails_even_during_scale_down(summary):
     assert summary["failed"] == 0, summary["failed_by_status"]
     # The drain was exercised: requests were in flight while a replica was stopping.
     assert summary["requests_while_stopping"] > 0
+
+
+def test_new_replicas_load_the_compiled_model_and_serve_soon(summary):
+    """Decision to first batch for every classifier added under load. The bound is generous
+    (CI machines differ 2x; the measured figure is ~10 s here, load_tests/RESULTS.md): it
+    catches a start that compiles or waits for something, not a slow machine."""
+    starts = summary["classifier_starts"]
+    assert starts, "no classifier replica was added under load"
+    assert all(s.get("mode") == "compiled" for s in starts), starts
+    assert all(s["to_serving_s"] < 45 for s in starts), starts
+
+
+def test_no_replica_is_removed_sooner_than_the_downscale_delay_after_it_served(summary):
+    app = yaml.safe_load(CONFIG.read_text())["applications"][0]
+    delay = deployment_options(app, "Classifier")["autoscaling_config"]["downscale_delay_s"]
+    removed = summary["removed_after_serving_s"]
+    assert removed, "no classifier replica was removed"
+    # Measured from the replica's first batch, which follows its readiness by a moment.
+    assert all(r is None or r >= delay - 3 for r in removed), (removed, delay)
 
 
 def test_outputs(run_dir, rows, summary):
