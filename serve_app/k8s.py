@@ -78,9 +78,10 @@ class Footprint:
 #   .venv/bin/python k8s/measure_footprint.py --config configs/local.yaml
 #   Classifier: resnet50 1021-1071 MiB private at peak over 5 runs (loading holds the weights
 #   twice for a moment; a 32-image batch's activations are ~126 MiB), efficientnet_lite0
-#   577-607 eager; compiled (model.compile, configs/local.yaml since lever O) 959-1016 over
-#   3 runs from an empty compile cache: ~700-760 private plus 256-264 of g++ while it
-#   compiles. Every replica starts at ~412 MiB private once ray and torch are imported (ray
+#   577-607 eager. Compiled (model.compile, configs/local.yaml), measured 2026-12-01 with an
+#   empty artifact directory, the worst case of a pod whose image has no artifact for its
+#   CPU: 1900 = the replica serving eager (~580 private) + the background builder process
+#   and its g++ (1320 RSS at their peak); with the baked artifact a replica holds far less. Every replica starts at ~412 MiB private once ray and torch are imported (ray
 #   and ray.serve alone: 71). Preprocessor: peaks of +196 MiB for a 12 MP JPEG, +607 MiB for
 #   a 40 MP JPEG, +968 MiB for a 40 MP RGBA PNG (alpha compositing copies the image).
 #   On a GPU the model and activations move to device memory but CUDA adds host memory of its
@@ -92,7 +93,7 @@ FOOTPRINTS: dict[str, Footprint] = {
         serve_actor=71.4, ray_head=500.2, ray_worker=168.8),
     "configs/local.yaml": Footprint(
         model="efficientnet_lite0", compile=True, max_batch_size=8, max_image_pixels=40_000_000,
-        shared_libs=573.9, classifier=1015.9, preprocessor=1380.2, ingress=413.9,
+        shared_libs=573.9, classifier=1900.1, preprocessor=1380.2, ingress=413.9,
         serve_actor=71.4, ray_head=499.6, ray_worker=168.8),
 }
 
