@@ -189,6 +189,7 @@ def check_loopback(url: str) -> None:
 
 def run(args: argparse.Namespace) -> dict:
     from serve_app import configfile
+    from serve_app.compiling import compile_config
     from serve_app.launch import ServeProcess
 
     out = Path(args.out)
@@ -204,6 +205,10 @@ def run(args: argparse.Namespace) -> dict:
             check_loopback(args.url)
             url, dashboard = args.url.rstrip("/"), args.dashboard
         else:
+            # Replicas of a compiled config load its artifact: build it first (a no-op once
+            # built), or the run would time eager replicas building it in the background.
+            if compile_config(config, str(args.config)) != 0:
+                raise RuntimeError("could not build the compiled model the config asks for")
             svc = stack.enter_context(ServeProcess(args.config, log_path=out / "serve.log"))
             url = svc.url
             dashboard = dashboard_url_from_log(svc.log_path.read_text()) or args.dashboard

@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -206,7 +207,10 @@ class Artifact:
         """``build`` in a child process at the lowest CPU priority, so the replicas serving
         meanwhile keep the cores (nice 19 gets ~1.5% of a core beside a busy nice-0 one)."""
         cmd = [sys.executable, "-m", "serve_app.artifacts", "--model", cfg.model_dump_json(),
-               "--device", str(device), "--threads", str(self.key["threads"]), "--nice", "19"]
+               "--device", str(device), "--threads", str(self.key["threads"])]
+        # nice(1) lowers the priority before Python starts, so torch's import is low too.
+        nice = shutil.which("nice")
+        cmd = [nice, "-n", "19", *cmd] if nice else [*cmd, "--nice", "19"]
         return subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
 
 
@@ -228,7 +232,6 @@ def _export_and_compile(cfg: ModelConfig, device: torch.device, threads: int, ou
     from serve_app.models import build_model, describe, require_cxx
 
     require_cxx(device)
-    torch.set_num_threads(threads)  # Inductor sizes its parallel loops by this
     dtype = effective_dtype(cfg, device.type)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = build_model(cfg).to(device, dtype=dtype, memory_format=memory_format)
@@ -236,19 +239,24 @@ def _export_and_compile(cfg: ModelConfig, device: torch.device, threads: int, ou
     probe = torch.randn((3, 3, size, size), generator=torch.Generator().manual_seed(0))
     probe = probe.to(device, dtype=dtype).contiguous(memory_format=memory_format)
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
-    with torch.inference_mode():
-        program = torch.export.export(model, (probe,), dynamic_shapes=({0: batch},))
-        torch._inductor.aoti_compile_and_package(
-            program, package_path=str(out),
-            inductor_configs={"freezing": True, "compile_threads": threads})
-        compiled = _load_package(out)
-        for n in (1, 3):
-            expected = model(probe[:n]).float().softmax(-1)
-            got = compiled(probe[:n]).float().softmax(-1)
-            tolerance = 1e-4 if dtype == torch.float32 else 1e-2
-            if not torch.allclose(got, expected, atol=tolerance):
-                raise RuntimeError(f"compiled {cfg.name} differs from eager at batch {n} by "
-                                   f"{(got - expected).abs().max().item():.2e}; not installed")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)  # Inductor sizes its parallel loops by this
+    try:
+        with torch.inference_mode():
+            program = torch.export.export(model, (probe,), dynamic_shapes=({0: batch},))
+            torch._inductor.aoti_compile_and_package(
+                program, package_path=str(out),
+                inductor_configs={"freezing": True, "compile_threads": threads})
+            compiled = _load_package(out)
+            for n in (1, 3):
+                expected = model(probe[:n]).float().softmax(-1)
+                got = compiled(probe[:n]).float().softmax(-1)
+                tolerance = 1e-4 if dtype == torch.float32 else 1e-2
+                if not torch.allclose(got, expected, atol=tolerance):
+                    raise RuntimeError(f"compiled {cfg.name} differs from eager at batch {n} by "
+                                       f"{(got - expected).abs().max().item():.2e}; not installed")
+    finally:
+        torch.set_num_threads(before)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

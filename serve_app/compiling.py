@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -16,11 +15,11 @@ from serve_app.configfile import check, deployment_options, load
 from serve_app.runtime import cpu_threads
 
 
-def artifacts_of(path: str | Path) -> Iterator[tuple[str, ModelConfig, torch.device, int]]:
-    """(application, model, device, threads) of each compiled classifier in a config, with
-    the device and thread count its replicas will have (their share of CPUs and GPUs)."""
-    data = load(path)
-    parsed = {name: settings for name, settings, _ in check(data, str(path))}
+def artifacts_of(data: dict, source: str = "config"
+                 ) -> Iterator[tuple[str, ModelConfig, torch.device, int]]:
+    """(application, model, device, threads) of each compiled classifier in a Serve config,
+    with the device and thread count its replicas will have (their share of CPUs and GPUs)."""
+    parsed = {name: settings for name, settings, _ in check(data, source)}
     for app in data["applications"]:
         settings = parsed.get(app.get("name", "default"))
         if settings is None or not settings.model.compile:
@@ -37,27 +36,33 @@ def compile_configs(paths: list[str]) -> int:
     status = 0
     for path in paths:
         try:
-            found = list(artifacts_of(path))
+            status |= compile_config(load(path), str(path))
         except (ConfigError, OSError) as exc:
             print(exc, file=sys.stderr)
             status = 1
+    return status
+
+
+def compile_config(data: dict, path: str = "config") -> int:
+    """Build what one loaded Serve config needs; 0 when everything it needs is built."""
+    status = 0
+    found = list(artifacts_of(data, path))
+    if not found:
+        print(f"{path}: nothing to compile (no classifier has model.compile: true)")
+    for app, model, device, threads in found:
+        if device.type == "cuda" and not torch.cuda.is_available():
+            print(f"{path}: {app}: skipped, its classifier runs on a GPU and this machine "
+                  "has none (its first replica on a GPU node builds it)")
             continue
-        if not found:
-            print(f"{path}: nothing to compile (no classifier has model.compile: true)")
-        for app, model, device, threads in found:
-            if device.type == "cuda" and not torch.cuda.is_available():
-                print(f"{path}: {app}: skipped, its classifier runs on a GPU and this machine "
-                      "has none (its first replica on a GPU node builds it)")
-                continue
-            artifact = Artifact.of(model, device, threads)
-            started = time.perf_counter()
-            try:
-                built = artifact.build(model, device)
-            except Exception as exc:
-                print(f"{path}: {app}: {type(exc).__name__}: {exc}", file=sys.stderr)
-                status = 1
-                continue
-            what = f"built in {time.perf_counter() - started:.1f}s" if built else "already built"
-            print(f"{path}: {app}: {model.name} ({device.type}, {threads} threads) {what}: "
-                  f"{artifact.path}")
+        artifact = Artifact.of(model, device, threads)
+        started = time.perf_counter()
+        try:
+            built = artifact.build(model, device)
+        except Exception as exc:
+            print(f"{path}: {app}: {type(exc).__name__}: {exc}", file=sys.stderr)
+            status = 1
+            continue
+        what = f"built in {time.perf_counter() - started:.1f}s" if built else "already built"
+        print(f"{path}: {app}: {model.name} ({device.type}, {threads} threads) {what}: "
+              f"{artifact.path}")
     return status

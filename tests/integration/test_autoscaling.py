@@ -17,7 +17,6 @@ import pytest
 import yaml
 
 from load_tests import autoscale_experiment, timeline
-from serve_app import compiling
 from serve_app.configfile import deployment_options
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -34,9 +33,6 @@ def run_dir(tmp_path_factory) -> Path:
     kwargs["latency_target_s"] /= 2
     config_path = tmp_path_factory.mktemp("config") / CONFIG.name
     config_path.write_text(yaml.safe_dump(config))
-    # The compiled artifact, built once per machine (a no-op once it is there), so every
-    # replica here starts as a new replica of the shipped config does: by loading it.
-    assert compiling.compile_configs([str(config_path)]) == 0
     # 100 s: 15 s at 2 users, 50 s at 32, 35 s back at 2 (scale-down happens under load).
     args = autoscale_experiment.parse_args([
         "--config", str(config_path), "--shape", "step", "--duration", "100", "--base-users", "2",

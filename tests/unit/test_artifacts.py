@@ -16,6 +16,7 @@ from serve_app import artifacts, compiling
 from serve_app.artifacts import Artifact
 from serve_app.classifier import Classifier, Predictor
 from serve_app.config import ModelConfig
+from serve_app.configfile import load
 
 CPU = torch.device("cpu")
 # The torchvision classifier Inductor compiles fastest here (~20 s; lite0 takes ~60 s).
@@ -147,7 +148,7 @@ def test_compile_command_builds_what_a_config_needs_once(tmp_path, monkeypatch, 
     config.write_text(text.replace("compile: true", f"compile: true\n        artifact_dir: {tmp_path}"))
     calls: list = []
     monkeypatch.setattr(artifacts, "_export_and_compile", fake_export(calls))
-    assert [(app, d.type, t) for app, _, d, t in compiling.artifacts_of(config)] == \
+    assert [(app, d.type, t) for app, _, d, t in compiling.artifacts_of(load(config))] == \
         [("serve_app", "cpu", 1)]  # num_cpus 0.8: one thread, as the replicas
     assert compiling.compile_configs([str(config)]) == 0
     assert compiling.compile_configs([str(config)]) == 0
