@@ -93,7 +93,7 @@ class AppConfig(_Strict):
     request_timeout_s: float = Field(60.0, gt=0, description="Upper bound for one classification.")
     warmup_iterations: int = Field(1, ge=1, le=1000, description=(
         "Forward passes per warm-up batch size before a classifier replica reports ready; "
-        "more let cuDNN autotuning or torch.compile settle before traffic arrives."))
+        "more let cuDNN autotuning settle before traffic arrives."))
 
 
 def threads_for_share(cpus: float) -> int:
