@@ -564,6 +564,15 @@ def edit_config(model: Optional[str], overrides: Sequence[str]):
     return edit
 
 
+def edited_config(args: argparse.Namespace) -> dict:
+    """The Serve config the run serves: ``--config`` after ``--model`` and ``--set``."""
+    from serve_app import configfile
+
+    data = configfile.load(args.config)
+    edit_config(args.model, args.set)(data)
+    return data
+
+
 def run_served(args: argparse.Namespace, photos: Sequence[bytes], raw: Optional[dict]
                ) -> tuple[list[dict], dict]:
     """The served rows, and what the run used (classifier threads, deployment options)."""
@@ -576,12 +585,9 @@ def run_served(args: argparse.Namespace, photos: Sequence[bytes], raw: Optional[
                      args.max_requests, raw), {}
     # A compiled config is measured compiled: build its artifact first (a no-op once built),
     # rather than measure the eager network a replica serves while it builds in the background.
-    from serve_app import configfile
     from serve_app.compiling import compile_config
 
-    data = configfile.load(args.config)
-    edit_config(args.model, args.set)(data)
-    if compile_config(data, args.config) != 0:
+    if compile_config(edited_config(args), args.config) != 0:
         raise RuntimeError("could not build the compiled model the config asks for")
     log_path = Path(args.json).with_suffix(".serve.log") if args.json else None
     if log_path is not None:
@@ -641,9 +647,7 @@ def raw_device(args: argparse.Namespace) -> str:
     """cuda when the config gives the classifier a GPU and this machine has one, else cpu."""
     from serve_app import configfile
 
-    data = configfile.load(args.config)
-    edit_config(args.model, args.set)(data)
-    options = configfile.deployment_options(data["applications"][0], "Classifier")
+    options = configfile.deployment_options(edited_config(args)["applications"][0], "Classifier")
     if (options.get("ray_actor_options") or {}).get("num_gpus", 0) > 0:
         import torch
 
@@ -654,12 +658,9 @@ def raw_device(args: argparse.Namespace) -> str:
 
 def model_config_of(args: argparse.Namespace) -> dict:
     """The ModelConfig (as a dict) the served app will use after --model and --set."""
-    from serve_app import configfile
     from serve_app.config import parse_app_config
 
-    data = configfile.load(args.config)
-    edit_config(args.model, args.set)(data)
-    return parse_app_config(data["applications"][0].get("args")).model.model_dump()
+    return parse_app_config(edited_config(args)["applications"][0].get("args")).model.model_dump()
 
 
 def main(argv: Optional[list[str]] = None) -> int:
