@@ -81,8 +81,9 @@ class Footprint:
 #   577-607 eager. Compiled (model.compile, configs/local.yaml), measured 2026-12-01 with an
 #   empty artifact directory, the worst case of a pod whose image has no artifact for its
 #   CPU: 1900 = the replica serving eager (~580 private) + the background builder process
-#   and its g++ (1320 RSS at their peak); with the baked artifact a replica holds far less. Every replica starts at ~412 MiB private once ray and torch are imported (ray
-#   and ray.serve alone: 71). Preprocessor: peaks of +196 MiB for a 12 MP JPEG, +607 MiB for
+#   and its g++ (1320 RSS at their peak); with the baked artifact a replica holds far less.
+#   Every replica starts at ~412 MiB private once ray and torch are imported (ray and
+#   ray.serve alone: 71). Preprocessor: peaks of +196 MiB for a 12 MP JPEG, +607 MiB for
 #   a 40 MP JPEG, +968 MiB for a 40 MP RGBA PNG (alpha compositing copies the image).
 #   On a GPU the model and activations move to device memory but CUDA adds host memory of its
 #   own; that is not measured here: run the script with --device cuda on a GPU node.
