@@ -1,5 +1,7 @@
 """``python -m serve_app check CONFIG...``: validate Serve config files before deploying them;
-``python -m serve_app compile CONFIG...``: build their compiled models ahead of the first start."""
+``python -m serve_app compile CONFIG...``: build their compiled models ahead of the first start;
+``python -m serve_app run CONFIG``: ``serve run`` with Ray's metrics on a fixed port;
+``python -m serve_app dashboard``: regenerate the Grafana dashboard."""
 
 from __future__ import annotations
 
@@ -17,6 +19,10 @@ def main(argv: list[str] | None = None) -> int:
     build = sub.add_parser("compile", help="build the compiled model artifacts a config's "
                            "classifiers will load (model.compile: true), if not built yet")
     build.add_argument("configs", nargs="+")
+    sub.add_parser("run", add_help=False, help="serve run CONFIG with Ray's metrics on a fixed "
+                   "port (python -m serve_app run --help)")
+    dash = sub.add_parser("dashboard", help="write monitoring/grafana/serve_app.json")
+    dash.add_argument("--check", action="store_true", help="fail if the file is not up to date")
     sub.add_parser("k8s", add_help=False, help="render | check the KubeRay manifests in k8s/ "
                    "(python -m serve_app k8s --help)")
     argv = sys.argv[1:] if argv is None else argv
@@ -24,6 +30,10 @@ def main(argv: list[str] | None = None) -> int:
         from serve_app import k8s as k8s_cli
 
         return k8s_cli.main(argv[1:])
+    if argv[:1] == ["run"]:
+        from serve_app import runner
+
+        return runner.main(argv[1:])
     args = parser.parse_args(argv)
 
     if args.command == "check":
@@ -43,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
         from serve_app.compiling import compile_configs
 
         return compile_configs(args.configs)
+    if args.command == "dashboard":
+        from serve_app import dashboard
+
+        return dashboard.write(check=args.check)
     return 2
 
 

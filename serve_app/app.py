@@ -27,9 +27,11 @@ def build_app(args: Optional[dict[str, Any]] = None) -> Application:
     """
     settings = parse_app_config(args)
     info = describe(settings.model)
-    preprocessor = Preprocessor.bind(info.transform, settings.max_image_pixels)
+    preprocessor = Preprocessor.bind(info.transform, settings.max_image_pixels,
+                                     settings.log_requests)
     # The description travels with the model: the classifier replica then never imports
     # torchvision when it loads a compiled artifact (~2 s less CPU per start).
-    classifier = Classifier.bind(settings.model, settings.warmup_iterations, info)
+    classifier = Classifier.bind(settings.model, settings.warmup_iterations, info,
+                                 settings.log_requests)
     # A plain dict: the ingress then never imports torch (about 340 MiB less per replica).
     return Ingress.bind(preprocessor, classifier, settings, info.as_dict())

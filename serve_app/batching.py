@@ -14,8 +14,9 @@ the load by itself, as in Triton's dynamic batcher with no queue delay. Pure asy
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
-from typing import Awaitable, Callable, Generic, Sequence, TypeVar
+from typing import Awaitable, Callable, Generic, Optional, Sequence, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -26,16 +27,20 @@ class CallBatcher(Generic[T, R]):
 
     ``call`` returns one result per item, in order; an exception instance in place of a result
     fails that item alone. An exception raised by ``call`` fails every item of its group.
+    ``on_dispatch(waits_s)``, if given, hears of each group as it leaves: how long each of its
+    items waited for a slot (the ingress's metrics).
     """
 
     def __init__(self, call: Callable[[list[T]], Awaitable[Sequence[R | BaseException]]],
-                 max_batch_size: int, max_in_flight: int):
+                 max_batch_size: int, max_in_flight: int,
+                 on_dispatch: Optional[Callable[[list[float]], None]] = None):
         if max_batch_size < 1 or max_in_flight < 1:
             raise ValueError("max_batch_size and max_in_flight must be >= 1")
         self._call = call
+        self._on_dispatch = on_dispatch
         self.max_batch_size = max_batch_size
         self.max_in_flight = max_in_flight
-        self._pending: deque[tuple[T, asyncio.Future]] = deque()
+        self._pending: deque[tuple[T, asyncio.Future, float]] = deque()
         self._in_flight = 0
         self._in_flight_items = 0
         self._tasks: set[asyncio.Task] = set()  # strong references until each call ends
@@ -54,19 +59,23 @@ class CallBatcher(Generic[T, R]):
 
     async def submit(self, item: T) -> R:
         future = asyncio.get_running_loop().create_future()
-        self._pending.append((item, future))
+        self._pending.append((item, future, time.perf_counter()))
         self._dispatch()
         return await future
 
     def _dispatch(self) -> None:
         while self._pending and self._in_flight < self.max_in_flight:
-            group = []
+            group, submitted = [], []
             while self._pending and len(group) < self.max_batch_size:
-                item, future = self._pending.popleft()
+                item, future, at = self._pending.popleft()
                 if not future.done():  # skip requests that timed out or went away meanwhile
                     group.append((item, future))
+                    submitted.append(at)
             if not group:
                 return
+            if self._on_dispatch is not None:
+                now = time.perf_counter()
+                self._on_dispatch([now - at for at in submitted])
             self._in_flight += 1
             self._in_flight_items += len(group)
             self.calls += 1

@@ -14,6 +14,7 @@ from ray import serve
 
 from serve_app import artifacts, imaging, models
 from serve_app.config import ClassifierSettings, ModelConfig, parse_classifier_settings
+from serve_app.metrics import ClassifierMetrics
 from serve_app.runtime import (assigned_resources, configure_torch_threads, cpu_threads,
                                process_started_at, select_device)
 
@@ -102,11 +103,16 @@ class Classifier:
     ``user_config`` so ``serve deploy`` retunes them without reloading the model."""
 
     def __init__(self, model: ModelConfig, warmup_iterations: int = 1,
-                 info: models.ModelInfo | None = None):
+                 info: models.ModelInfo | None = None, log_requests: bool = False):
         init_started = time.perf_counter()
+        self.metrics = ClassifierMetrics(model.name)
+        self.metrics.starting(True)
+        self.log_requests = log_requests
         resources = self._resources = assigned_resources()
         self.threads = configure_torch_threads(resources)
         self.predictor = Predictor(model, select_device(resources), self.threads, info=info)
+        loaded = time.perf_counter()
+        self.metrics.start_phase("load", loaded - init_started)
         self.settings = _DEFAULTS
         self._batches = 0
         self._images = 0
@@ -120,6 +126,9 @@ class Classifier:
         self._warm_sizes = set(self.predictor.sizes_to_warm(_DEFAULTS.max_batch_size))
         self.predictor.warm_up(sorted(self._warm_sizes), warmup_iterations)
         self.init_s = time.perf_counter() - init_started
+        self.metrics.start_phase("warmup", self.init_s - (loaded - init_started))
+        self.metrics.compiled(self.predictor.compiled)
+        self.metrics.starting(False)
         self._builder: subprocess.Popen | None = None
         if model.compile and not self.predictor.compiled:
             # Serve the eager network now; build the artifact at the lowest CPU priority and
@@ -134,6 +143,7 @@ class Classifier:
                     self.init_s)
 
     def _swap_in_when_built(self) -> None:
+        started = time.perf_counter()
         code = self._builder.wait()
         network = self.predictor.artifact.load()
         if network is None:
@@ -142,6 +152,8 @@ class Classifier:
             return
         configure_torch_threads(threads=self.threads)  # per OS thread, as in _predict_batch
         self.predictor.use_compiled(network, sorted(self._warm_sizes), self.warmup_iterations)
+        self.metrics.start_phase("compile", time.perf_counter() - started)
+        self.metrics.compiled(True)
         logger.info("Classifier now serves the compiled artifact %s", self.predictor.artifact.path)
 
     def __del__(self):
@@ -171,8 +183,11 @@ class Classifier:
 
     @serve.batch(max_batch_size=_DEFAULTS.max_batch_size,
                  batch_wait_timeout_s=_DEFAULTS.batch_wait_timeout_s)
-    async def _predict_batch(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
-        batch = torch.stack(images)
+    async def _predict_batch(self, images: list[tuple[torch.Tensor, str, float]]
+                             ) -> list[torch.Tensor]:
+        """``images``: (crop, request id, when it joined the queue). Ray clears the request
+        context inside a batch, so the ids come in with the images."""
+        batch = torch.stack([pixels for pixels, _, _ in images])
         # Here, not only in reconfigure: torch's thread count is per OS thread once a thread
         # has run an op (OpenMP), and Ray runs __init__, reconfigure and requests on
         # different threads. Set in reconfigure alone, 2 threads were reported and 1 used.
@@ -183,7 +198,16 @@ class Classifier:
         # batches that then queue behind it (mean batch 1.0 at 32 clients). Blocking here
         # makes the next batch take everything that arrived during this forward pass.
         probs = self.predictor.predict(batch)
-        self._busy_s += time.perf_counter() - started
+        forward_s = time.perf_counter() - started
+        self._busy_s += forward_s
+        waits = [started - queued_at for _, _, queued_at in images]
+        self.metrics.batch(len(images), forward_s, waits)
+        if self.log_requests:
+            ids = list(dict.fromkeys(rid for _, rid, _ in images))
+            logger.info("request_ids=%s batch of %d images: forward %.1f ms, waited up to "
+                        "%.1f ms", ",".join(ids), len(images), forward_s * 1000,
+                        max(waits) * 1000,
+                        extra={"request_ids": ids, "serve_app_stage": "classifier"})
         if not self._first_batch:
             # When this replica began serving, and what its start cost in CPU (the process's
             # own user + system time: Ray's worker start, imports, load, warm-up).
@@ -201,7 +225,8 @@ class Classifier:
         self._images += len(images)
         return list(probs)
 
-    async def classify(self, crops: imaging.Crops, top_ks: list[int]) -> list:
+    async def classify(self, crops: imaging.Crops, top_ks: list[int],
+                       request_ids: list[str] | None = None) -> list:
         """Top-k labels for each image of a group (a preprocessor's output), in input order; an
         image that failed preprocessing gets its error back in its place.
 
@@ -209,10 +234,15 @@ class Classifier:
         share forward passes up to ``max_batch_size``.
         """
         pixels = torch.from_numpy(crops.pixels.copy())  # Ray's zero-copy array is read-only
+        # The ids of the images that decoded (a failed image has no crop), in crop order.
+        ids = [rid for rid, error in zip(request_ids or [""] * len(top_ks), crops.errors)
+               if error is None]
         self._calls += 1
         self._images_in_flight += len(pixels)
+        now = time.perf_counter()
         try:
-            probs = iter(await asyncio.gather(*(self._predict_batch(p) for p in pixels)))
+            probs = iter(await asyncio.gather(*(self._predict_batch((p, rid, now))
+                                                for p, rid in zip(pixels, ids))))
         finally:
             self._images_in_flight -= len(pixels)
         categories = self.predictor.info.categories

@@ -94,6 +94,10 @@ class AppConfig(_Strict):
     warmup_iterations: int = Field(1, ge=1, le=1000, description=(
         "Forward passes per warm-up batch size before a classifier replica reports ready; "
         "more let cuDNN autotuning settle before traffic arrives."))
+    log_requests: bool = Field(False, description=(
+        "One log line per request in the ingress, per group in the preprocessor and per batch "
+        "in the classifier, each naming its request ids (docs/observability.md). Off by "
+        "default: like Ray's access log, a line per request costs CPU on the hot path."))
 
 
 def threads_for_share(cpus: float) -> int:

@@ -8,6 +8,7 @@ through here.
 
 import asyncio
 import logging
+import time
 import uuid
 from typing import Any, Optional
 
@@ -21,6 +22,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from serve_app import request_metrics
 from serve_app.batching import CallBatcher
 from serve_app.config import AppConfig
 from serve_app.errors import (
@@ -30,6 +32,7 @@ from serve_app.errors import (
     UnsupportedMediaType,
     find_client_error,
 )
+from serve_app.metrics import IngressMetrics, route_label
 
 logger = logging.getLogger("ray.serve")
 
@@ -93,6 +96,14 @@ def error_payload(code: str, message: str, request_id: str) -> dict:
     return {"error": {"code": code, "message": message}, "request_id": request_id}
 
 
+def error_response(request: Request, code: str, message: str, status: int) -> Response:
+    """The JSON error every failure gets, counted by its code."""
+    recorder = request_metrics._state.recorder
+    if recorder is not None:
+        recorder.rejected(route_label(request.scope), code)
+    return json_response(error_payload(code, message, request_id_of(request)), status)
+
+
 def request_id_of(request: Request) -> str:
     """Ray's proxy puts the client's X-Request-ID (or a fresh id) on every request and echoes
     it on every response; we only repeat it in JSON bodies."""
@@ -107,37 +118,44 @@ app = FastAPI(
     version="0.1.0",
     description="Image classification on Ray Serve. Send image bytes, get ImageNet labels.",
 )
+app.add_middleware(request_metrics.RequestMetrics)
 
 
 @app.exception_handler(ClientError)
 async def _client_error(request: Request, exc: ClientError):
-    return json_response(error_payload(exc.code, exc.message, request_id_of(request)), exc.status)
+    return error_response(request, exc.code, exc.message, exc.status)
 
 
 @app.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, exc: RequestValidationError):
     details = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-    return json_response(error_payload("invalid_parameter", details, request_id_of(request)), 422)
+    return error_response(request, "invalid_parameter", details, 422)
 
 
 @app.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException):
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    return json_response(error_payload(code, str(exc.detail), request_id_of(request)),
-                         exc.status_code)
+    return error_response(request, code, str(exc.detail), exc.status_code)
+
+
+# Overload and timeouts are handled inside the app (by class), so the request metrics see
+# their 503/504; anything else reaches Starlette's outermost handler as a 500.
+@app.exception_handler(BackPressureError)
+async def _overloaded(request: Request, exc: BackPressureError):
+    return error_response(request, "overloaded", "The service is at capacity; retry later.",
+                          getattr(exc, "status_code", None) or 503)
+
+
+@app.exception_handler(TimeoutError)
+async def _timed_out(request: Request, exc: TimeoutError):
+    return error_response(request, "timeout", "Classification did not finish in time.", 504)
 
 
 @app.exception_handler(Exception)
 async def _server_error(request: Request, exc: Exception):
-    """Faults on our side keep the JSON error shape; overload and timeouts say so."""
-    if isinstance(exc, BackPressureError):
-        status, code, message = 503, "overloaded", "The service is at capacity; retry later."
-    elif isinstance(exc, TimeoutError):
-        status, code, message = 504, "timeout", "Classification did not finish in time."
-    else:
-        logger.exception("unhandled error", exc_info=exc)
-        status, code, message = 500, "internal_error", "Internal error; see the server logs."
-    return json_response(error_payload(code, message, request_id_of(request)), status)
+    """Faults on our side keep the JSON error shape."""
+    logger.exception("unhandled error", exc_info=exc)
+    return error_response(request, "internal_error", "Internal error; see the server logs.", 500)
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -170,16 +188,30 @@ class Ingress:
         self.settings = settings
         self.model_info = model_info
         self.model_name = model_info["name"]
+        self.metrics = IngressMetrics()
+        request_metrics.configure(self.metrics, settings.log_requests)
         self.batcher = CallBatcher(self._classify_group, settings.dispatch.max_batch_size,
-                                   settings.dispatch.max_in_flight)
+                                   settings.dispatch.max_in_flight, self._dispatched)
 
-    async def _classify_group(self, items: list[tuple[bytes, int]]) -> list:
-        crops = self.preprocessor.remote([data for data, _ in items])  # not awaited here
-        return await self.classifier.classify.remote(crops, [k for _, k in items])
+    def _dispatched(self, waits_s: list[float]) -> None:
+        self.metrics.group(len(waits_s), [w * 1000 for w in waits_s])
+        self.metrics.queue(self.batcher.queued, self.batcher.in_flight_items + len(waits_s))
 
-    async def _classify_bytes(self, data: bytes, top_k: int) -> list[dict]:
+    async def _classify_group(self, items: list[tuple[bytes, int, str]]) -> list:
+        """One preprocessor and one classifier call for a group. The request ids travel with
+        the images: Ray's request context names one request per call, a group has several."""
+        started = time.perf_counter()
+        request_ids = [rid for _, _, rid in items]
+        crops = self.preprocessor.remote([data for data, _, _ in items], request_ids)  # not awaited
         try:
-            return await asyncio.wait_for(self.batcher.submit((data, top_k)),
+            return await self.classifier.classify.remote(crops, [k for _, k, _ in items],
+                                                         request_ids)
+        finally:
+            self.metrics.group_done((time.perf_counter() - started) * 1000)
+
+    async def _classify_bytes(self, data: bytes, top_k: int, request_id: str) -> list[dict]:
+        try:
+            return await asyncio.wait_for(self.batcher.submit((data, top_k, request_id)),
                                           self.settings.request_timeout_s)
         except Exception as exc:
             client_error = find_client_error(exc)
@@ -210,9 +242,11 @@ class Ingress:
             raise UnsupportedMediaType(
                 f"Content-Type {content_type or '(none)'} is not supported; send image/* bytes "
                 "or multipart/form-data with a field named 'file'.")
-        predictions = await self._classify_bytes(data, self._top_k(top_k))
+        rid = request_id_of(request)
+        self.metrics.received("/v1/classify", 1, len(data))
+        predictions = await self._classify_bytes(data, self._top_k(top_k), rid)
         return json_response({"model": self.model_name, "predictions": predictions,
-                              "request_id": request_id_of(request)})
+                              "request_id": rid})
 
     @app.post("/v1/classify/batch", response_model=BatchResponse, responses=_ERRORS,
               openapi_extra=_BATCH_BODY, summary="Classify several images")
@@ -231,9 +265,10 @@ class Ingress:
         uploads = [u for u in form.getlist("files") if not isinstance(u, str)]
         if not uploads:
             raise InvalidImage("The multipart body has no file fields named 'files'.")
-        k = self._top_k(top_k)
+        k, rid = self._top_k(top_k), request_id_of(request)
         payloads = [await u.read() for u in uploads]
-        outcomes = await asyncio.gather(*(self._classify_bytes(p, k) for p in payloads),
+        self.metrics.received("/v1/classify/batch", len(payloads), sum(map(len, payloads)))
+        outcomes = await asyncio.gather(*(self._classify_bytes(p, k, rid) for p in payloads),
                                         return_exceptions=True)
         results = []
         for upload, outcome in zip(uploads, outcomes):
@@ -247,11 +282,13 @@ class Ingress:
                 item["predictions"] = outcome
             results.append(item)
         return json_response({"model": self.model_name, "results": results,
-                              "request_id": request_id_of(request)})
+                              "request_id": rid})
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """Images waiting here for a free call slot: load the Classifier's own request count
-        cannot see (serve_app.autoscaling adds it)."""
+        cannot see (serve_app.autoscaling adds it). Ray calls this every metrics interval: the
+        queue gauges are refreshed here too."""
+        self.metrics.queue(self.batcher.queued, self.batcher.in_flight_items)
         return {"images_queued": float(self.batcher.queued)}
 
     @app.get("/v1/models", summary="The served model")
@@ -271,5 +308,5 @@ class Ingress:
         except Exception as exc:
             reason = ("the classifier did not answer in time" if isinstance(exc, TimeoutError)
                       else f"the classifier is unavailable ({type(exc).__name__})")
-            return json_response(error_payload("not_ready", reason, request_id_of(request)), 503)
+            return error_response(request, "not_ready", reason, 503)
         return json_response({"status": "ready", "model": self.model_name})

@@ -45,6 +45,11 @@ RAY_MEMORY_THRESHOLD = 0.95
 RAY_MIN_OBJECT_STORE_MIB = 75  # ray_constants.OBJECT_STORE_MINIMUM_MEMORY_BYTES
 MEMORY_STEP_MIB = 256  # pods are rounded up to this; the measurements vary by ~60 MiB per run
 SERVE_PORT = 8000
+#: Ray's Prometheus endpoint on every pod (serve_app's metrics included), scraped through
+#: k8s/podmonitor.yaml (Prometheus Operator) or the prometheus.io/* pod annotations.
+METRICS_PORT = 8080
+POD_LABELS = {"app.kubernetes.io/name": "serve-app"}
+PODMONITOR_PATH = "k8s/podmonitor.yaml"
 HEAD_PORTS = {"gcs-server": 6379, "dashboard": 8265, "client": 10001, "serve": SERVE_PORT}
 # The rayproject/ray images run as user "ray" (uid 1000) in group "users" (gid 100).
 RAY_UID, RAY_GID = 1000, 100
@@ -368,7 +373,10 @@ def _pod(group: GroupPlan, image: str, container: str, ports: dict[str, int],
             "medium": "Memory", "sizeLimit": _memory(_round_up(group.object_store_mib))}}],
     }
     spec.update(extra or {})
-    return {"spec": spec}
+    return {"metadata": {"labels": dict(POD_LABELS), "annotations": {
+                "prometheus.io/scrape": "true", "prometheus.io/port": str(METRICS_PORT),
+                "prometheus.io/path": "/metrics"}},
+            "spec": spec}
 
 
 def _cpu(cpus: float) -> str:
@@ -382,7 +390,7 @@ def manifest(variant: Variant, root: Path = ROOT, image: str | None = None) -> d
     head, groups = plan(variant, config, fp)
     image = image or default_image(root)
     port = (config.get("http_options") or {}).get("port", SERVE_PORT)
-    head_ports = dict(HEAD_PORTS, serve=port)
+    head_ports = dict(HEAD_PORTS, serve=port, metrics=METRICS_PORT)
     workers = []
     for g in groups:
         extra = None
@@ -395,8 +403,10 @@ def manifest(variant: Variant, root: Path = ROOT, image: str | None = None) -> d
             "replicas": g.min_replicas,
             "minReplicas": g.min_replicas,
             "maxReplicas": g.max_replicas,
-            "rayStartParams": {"object-store-memory": str(g.object_store_mib * MIB)},
-            "template": _pod(g, image, "ray-worker", {"serve": port}, extra),
+            "rayStartParams": {"object-store-memory": str(g.object_store_mib * MIB),
+                               "metrics-export-port": str(METRICS_PORT)},
+            "template": _pod(g, image, "ray-worker", {"serve": port, "metrics": METRICS_PORT},
+                             extra),
         })
     name = "serve-app" if variant.name == "gpu" else f"serve-app-{variant.name}"
     return {
@@ -424,7 +434,8 @@ def manifest(variant: Variant, root: Path = ROOT, image: str | None = None) -> d
                 },
                 "headGroupSpec": {
                     "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0",
-                                       "object-store-memory": str(head.object_store_mib * MIB)},
+                                       "object-store-memory": str(head.object_store_mib * MIB),
+                                       "metrics-export-port": str(METRICS_PORT)},
                     "template": _pod(head, image, "ray-head", head_ports),
                 },
                 "workerGroupSpecs": workers,
@@ -454,7 +465,56 @@ def render(root: Path = ROOT, image: str | None = None) -> dict[str, str]:
                   f"# kubectl apply -f {v.output}    (docs/kubernetes.md)\n")
         out[v.output] = header + yaml.dump(manifest(v, root, image), Dumper=_Dumper,
                                            sort_keys=False, width=100)
+    out[PODMONITOR_PATH] = (
+        "# GENERATED from configs/ by `make k8s` (python -m serve_app k8s render). Do not edit.\n"
+        "# Prometheus Operator: scrape Ray's metrics port on every serve_app pod of every\n"
+        "# variant (docs/observability.md). Without the Operator, the pods' prometheus.io/*\n"
+        "# annotations serve the same purpose.\n"
+        + yaml.dump(podmonitor(), Dumper=_Dumper, sort_keys=False, width=100))
     return out
+
+
+def podmonitor() -> dict[str, Any]:
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PodMonitor",
+        "metadata": {"name": "serve-app", "labels": dict(POD_LABELS)},
+        "spec": {
+            "selector": {"matchLabels": {**POD_LABELS, "ray.io/is-ray-node": "yes"}},
+            "podMetricsEndpoints": [{"port": "metrics", "path": "/metrics", "interval": "15s",
+                                     # Ray's pods carry their cluster and node type: keep them.
+                                     "relabelings": [
+                                         {"sourceLabels": ["__meta_kubernetes_pod_label_ray_io_cluster"],
+                                          "targetLabel": "ray_io_cluster"},
+                                         {"sourceLabels": ["__meta_kubernetes_pod_label_ray_io_node_type"],
+                                          "targetLabel": "ray_io_node_type"}]}],
+        },
+    }
+
+
+def metrics_errors(doc: dict[str, Any], monitor: dict[str, Any] | None) -> list[str]:
+    """Every pod exports Ray's metrics on the port the PodMonitor scrapes."""
+    errors = []
+    cluster = doc["spec"]["rayClusterConfig"]
+    groups = {"head": cluster["headGroupSpec"],
+              **{g["groupName"]: g for g in cluster.get("workerGroupSpecs") or []}}
+    endpoint = ((monitor or {}).get("spec", {}).get("podMetricsEndpoints") or [{}])[0]
+    selector = (monitor or {}).get("spec", {}).get("selector", {}).get("matchLabels", {})
+    if monitor is None:
+        errors.append(f"{PODMONITOR_PATH} is missing: run `make k8s`")
+    for name, pod, container in _containers(doc):
+        params = groups[name].get("rayStartParams") or {}
+        ports = {p.get("name"): p["containerPort"] for p in container.get("ports") or []}
+        if str(params.get("metrics-export-port")) != str(ports.get("metrics")):
+            errors.append(f"{name}: container port 'metrics' must be rayStartParams "
+                          "metrics-export-port")
+        labels = {**(groups[name]["template"].get("metadata") or {}).get("labels", {}),
+                  "ray.io/is-ray-node": "yes"}  # KubeRay adds it to every Ray pod
+        if monitor is not None and not all(labels.get(k) == v for k, v in selector.items()):
+            errors.append(f"{name}: pod labels {labels} do not match the PodMonitor's selector")
+        if monitor is not None and endpoint.get("port") not in ports:
+            errors.append(f"{name}: no container port named {endpoint.get('port')!r} to scrape")
+    return errors
 
 
 def write(root: Path = ROOT, out_dir: Path | None = None, image: str | None = None) -> list[Path]:
@@ -724,6 +784,9 @@ def check(root: Path = ROOT, crd_dir: Path | None = None) -> list[str]:
             continue
         doc = yaml.safe_load(path.read_text())
         problems += [f"{v.output}: {e}" for e in consistency_errors(doc, v, root)]
+        monitor_path = root / PODMONITOR_PATH
+        monitor = yaml.safe_load(monitor_path.read_text()) if monitor_path.exists() else None
+        problems += [f"{v.output}: {e}" for e in metrics_errors(doc, monitor)]
         if crd_dir is not None:
             problems += [f"{v.output}: CRD schema: {e}" for e in schema_errors(doc, crd_dir)]
     return problems

@@ -37,9 +37,25 @@ RAY_CLUSTER_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(n: int, avoid: tuple[int, ...] = ()) -> list[int]:
+    """``n`` distinct free ports, none in ``avoid``: the sockets stay bound until all are
+    picked, so the OS cannot hand out the same port twice (it can, one call at a time)."""
+    sockets, ports = [], []
+    try:
+        while len(ports) < n:
+            s = socket.socket()
+            sockets.append(s)
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+            if port not in avoid:
+                ports.append(port)
+        return ports
+    finally:
+        for s in sockets:
+            s.close()
 
 
 # HAProxy's own listeners, on fixed ports by default: a second cluster on the same machine
@@ -47,11 +63,12 @@ def free_port() -> int:
 _HAPROXY_PORTS = ("RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_STATS_PORT")
 
 
-def cluster_env(env: dict[str, str]) -> dict[str, str]:
-    """``env`` with free ports for HAProxy's metrics and stats listeners when HAProxy is on
-    and the caller did not choose them."""
+def cluster_env(env: dict[str, str], taken: tuple[int, ...] = ()) -> dict[str, str]:
+    """``env`` with free ports (none of ``taken``) for HAProxy's metrics and stats listeners
+    when HAProxy is on and the caller did not choose them."""
     if env.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":
-        env = {**{name: str(free_port()) for name in _HAPROXY_PORTS}, **env}
+        ports = free_ports(len(_HAPROXY_PORTS), taken)
+        env = {**{name: str(p) for name, p in zip(_HAPROXY_PORTS, ports)}, **env}
     return env
 
 
@@ -107,16 +124,22 @@ class ServeProcess:
         self._tmpdir = tempfile.TemporaryDirectory(prefix="serve_app_")
         self.config_path = Path(self._tmpdir.name) / "config.yaml"
         self.log_path = Path(log_path) if log_path else Path(self._tmpdir.name) / "serve.log"
+        self.metrics_port = free_ports(1, avoid=(self.port,))[0]
+        self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        #: Ray's temp dir for this cluster: its logs are under session_latest/logs.
+        self.ray_dir = Path(self._tmpdir.name) / "ray"
         self.proc: Optional[subprocess.Popen] = None
 
     def start(self) -> "ServeProcess":
         self.config_path.write_text(yaml.safe_dump(self.config, sort_keys=False))
         env = cluster_env({**RAY_CLUSTER_ENV, **os.environ, "RAY_ADDRESS": "local",
-                           "PYTHONUNBUFFERED": "1", **self.env})
-        serve_bin = Path(sys.executable).with_name("serve")
+                           "PYTHONUNBUFFERED": "1", **self.env},
+                          taken=(self.port, self.metrics_port))
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(
-            [str(serve_bin), "run", str(self.config_path)], stdout=self._log,
+        self.proc = subprocess.Popen(  # serve run, with the metrics port fixed (serve_app/runner.py)
+            [sys.executable, "-m", "serve_app", "run", str(self.config_path),
+             "--metrics-port", str(self.metrics_port), "--ray-temp-dir", str(self.ray_dir)],
+            stdout=self._log,
             stderr=subprocess.STDOUT, env=env, start_new_session=True)
         try:
             self.wait_ready()

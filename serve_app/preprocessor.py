@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+import time
+from typing import Optional
+
 from ray import serve
 
 from serve_app import imaging
+from serve_app.metrics import PreprocessorMetrics
 from serve_app.runtime import configure_torch_threads
+
+logger = logging.getLogger("ray.serve")
 
 
 def _jpeg(size: int = 32) -> bytes:
@@ -30,14 +37,27 @@ class Preprocessor:
     on its own device.
     """
 
-    def __init__(self, transform: imaging.TransformSpec, max_image_pixels: int):
+    def __init__(self, transform: imaging.TransformSpec, max_image_pixels: int,
+                 log_requests: bool = False):
         self.transform = transform
         self.max_image_pixels = max_image_pixels
+        self.log_requests = log_requests
+        self.metrics = PreprocessorMetrics()
         configure_torch_threads()
         # Decode and resize one small JPEG before taking traffic: imaging imports torchvision
         # where it is used (the classifier never needs it), and the first request should not
         # pay that import (~2 s of CPU).
         imaging.preprocess(_WARM_UP_JPEG, transform, max_image_pixels)
 
-    def __call__(self, images: list[bytes]) -> imaging.Crops:
-        return imaging.preprocess_many(images, self.transform, self.max_image_pixels)
+    def __call__(self, images: list[bytes],
+                 request_ids: Optional[list[str]] = None) -> imaging.Crops:
+        started = time.perf_counter()
+        crops = imaging.preprocess_many(images, self.transform, self.max_image_pixels,
+                                        self.metrics.image)
+        if self.log_requests:
+            ids = request_ids or []
+            logger.info("request_ids=%s preprocessed %d images (%d failed) in %.1f ms",
+                        ",".join(ids), len(images), sum(e is not None for e in crops.errors),
+                        (time.perf_counter() - started) * 1000,
+                        extra={"request_ids": ids, "serve_app_stage": "preprocessor"})
+        return crops

@@ -6,6 +6,9 @@ same cluster (one cluster start instead of three):
   forward for a torchvision model;
 - "/mobilenet": mobilenet_v2 with the real weights file named by
   SERVE_APP_TEST_MOBILENET_V2_WEIGHTS (added only when that variable is set).
+
+Every application logs a line per request and stage (``args.log_requests``), "/exact" in
+Ray's JSON encoding: tests/integration/test_monitoring.py follows request ids through both.
 """
 
 import copy
@@ -33,7 +36,10 @@ def _small_app(base: dict, name: str, model: dict) -> dict:
 
 def _add_test_apps(config: dict) -> None:
     base = config["applications"][0]
-    config["applications"].append(_small_app(base, "exact", {"name": "resnet18", "weights": None}))
+    base["args"]["log_requests"] = True
+    exact = _small_app(base, "exact", {"name": "resnet18", "weights": None})
+    exact["logging_config"] = {"encoding": "JSON", "enable_access_log": False}
+    config["applications"].append(exact)
     if os.environ.get(MOBILENET_ENV):
         config["applications"].append(_small_app(
             base, "mobilenet", {"name": "mobilenet_v2", "weights_path": f"${MOBILENET_ENV}"}))

@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(300
 
 def test_hops_smoke(tmp_path):
     out = tmp_path / "hops.json"
-    before = processes_with("load_tests.hops", "serve run")
+    before = processes_with("load_tests.hops", "serve_app run")
     cmd = [sys.executable, "-m", "load_tests.hops", "--config", str(CONFIGS / "local.yaml"),
            "--set", "args.model.compile=false", "--requests", "5", "--pause", "0",
            "--json", str(out)]
@@ -32,4 +32,4 @@ def test_hops_smoke(tmp_path):
     assert result["handle_classifier"]["p50_ms"] > result["handle_empty_call"]["p50_ms"]
     assert result["breakdown"]["whole_ms"] == result["http_classify"]["p50_ms"]
     assert "outside decode and model" in proc.stdout
-    assert processes_with("load_tests.hops", "serve run") <= before  # driver and service gone
+    assert processes_with("load_tests.hops", "serve_app run") <= before  # driver and service gone

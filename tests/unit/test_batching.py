@@ -135,3 +135,18 @@ def test_requests_that_gave_up_are_not_sent():
 def test_limits_must_be_positive(size, slots):
     with pytest.raises(ValueError):
         CallBatcher(Downstream(), max_batch_size=size, max_in_flight=slots)
+
+
+def test_on_dispatch_hears_each_group_and_how_long_its_items_waited():
+    async def scenario():
+        down, heard = Downstream(), []
+        batcher = CallBatcher(down, max_batch_size=4, max_in_flight=1, on_dispatch=heard.append)
+        first = asyncio.ensure_future(batcher.submit(0))
+        await settle()
+        rest = [asyncio.ensure_future(batcher.submit(i)) for i in range(1, 4)]
+        await asyncio.sleep(0.05)  # they wait for the only slot
+        down.release.set()
+        await asyncio.gather(first, *rest)
+        assert [len(waits) for waits in heard] == [1, 3]
+        assert heard[0][0] < 0.01 and all(0.04 <= w < 1 for w in heard[1])
+    run(scenario())

@@ -176,3 +176,14 @@ def test_cluster_env_gives_haproxy_free_ports_unless_chosen():
     assert env["RAY_SERVE_HAPROXY_STATS_PORT"] == "8404"
     assert int(env["RAY_SERVE_HAPROXY_METRICS_PORT"]) not in (0, 9101)
     assert cluster_env({"RAY_SERVE_ENABLE_HA_PROXY": "0"}) == {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
+
+
+def test_free_ports_are_distinct_and_avoid_the_taken_ones():
+    from serve_app.launch import cluster_env, free_ports
+
+    taken = tuple(free_ports(3))
+    ports = free_ports(20, avoid=taken)
+    assert len(set(ports)) == 20 and not set(ports) & set(taken)
+    env = cluster_env({"RAY_SERVE_ENABLE_HA_PROXY": "1"}, taken=taken)
+    chosen = {int(env["RAY_SERVE_HAPROXY_METRICS_PORT"]), int(env["RAY_SERVE_HAPROXY_STATS_PORT"])}
+    assert len(chosen) == 2 and not chosen & set(taken)

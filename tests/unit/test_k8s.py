@@ -31,7 +31,8 @@ def doc(variant: k8s.Variant) -> dict:
 
 def copy_repo(tmp_path: Path) -> Path:
     """What rendering and checking read, in a scratch copy that a test may break."""
-    for rel in ["pyproject.toml", "Dockerfile", GPU.config, CPU.config, GPU.output, CPU.output]:
+    for rel in ["pyproject.toml", "Dockerfile", GPU.config, CPU.config, GPU.output, CPU.output,
+                k8s.PODMONITOR_PATH]:
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / rel, tmp_path / rel)
     return tmp_path
@@ -66,7 +67,7 @@ def test_a_config_change_without_make_k8s_is_caught(tmp_path):
 
 def test_render_is_deterministic_and_every_file_says_it_is_generated():
     first, second = k8s.render(ROOT), k8s.render(ROOT)
-    assert first == second and set(first) == {GPU.output, CPU.output}
+    assert first == second and set(first) == {GPU.output, CPU.output, k8s.PODMONITOR_PATH}
     for text in first.values():
         assert text.startswith("# GENERATED from configs/")
 
@@ -318,3 +319,27 @@ def test_cli_render_with_another_image_writes_elsewhere(tmp_path):
     d = yaml.safe_load((tmp_path / "rayservice.yaml").read_text())
     assert ray_container(worker(d, "gpu"))["image"].startswith("registry.example/")
     assert k8s.consistency_errors(d, GPU) == []
+
+
+@pytest.mark.parametrize("variant", k8s.VARIANTS, ids=lambda v: v.name)
+def test_every_pod_exports_metrics_where_the_podmonitor_scrapes(variant):
+    d = doc(variant)
+    monitor = yaml.safe_load((ROOT / k8s.PODMONITOR_PATH).read_text())
+    assert k8s.metrics_errors(d, monitor) == []
+    for name, pod, container in k8s._containers(d):
+        assert {"name": "metrics", "containerPort": k8s.METRICS_PORT} in container["ports"]
+    groups = [d["spec"]["rayClusterConfig"]["headGroupSpec"],
+              *d["spec"]["rayClusterConfig"]["workerGroupSpecs"]]
+    for g in groups:
+        assert g["template"]["metadata"]["annotations"]["prometheus.io/port"] == str(k8s.METRICS_PORT)
+
+
+def test_metrics_mistakes_are_reported():
+    d, monitor = doc(CPU), yaml.safe_load((ROOT / k8s.PODMONITOR_PATH).read_text())
+    broken = copy.deepcopy(d)
+    broken["spec"]["rayClusterConfig"]["headGroupSpec"]["rayStartParams"]["metrics-export-port"] = "9999"
+    assert any("metrics-export-port" in e for e in k8s.metrics_errors(broken, monitor))
+    other = copy.deepcopy(monitor)
+    other["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"] = "someone-else"
+    assert any("selector" in e for e in k8s.metrics_errors(d, other))
+    assert any("missing" in e for e in k8s.metrics_errors(d, None))

@@ -109,7 +109,7 @@ def test_classifier_threads_follow_user_config_without_a_restart():
     loop = asyncio.new_event_loop()
 
     async def forward() -> int:  # the batch handler itself, without Serve's batch queue
-        await Classifier.func_or_class._predict_batch.__wrapped__(clf, [crop])
+        await Classifier.func_or_class._predict_batch.__wrapped__(clf, [(crop, "r1", 0.0)])
         return torch.get_num_threads()
 
     try:

@@ -1,0 +1,51 @@
+"""``python -m serve_app run CONFIG``: ``serve run`` with Ray's metrics on a fixed port.
+
+``serve run`` starts its local Ray cluster with the metrics exporter on a random port, and
+only ``ray start --metrics-export-port`` fixes it, which leaves a cluster to stop by hand. So
+this starts the private cluster itself (``ray.init`` takes the port) and then runs Serve's own
+``serve run`` command in the same process, which uses the cluster it finds: same output, same
+SIGTERM / Ctrl-C behaviour, and ``http://127.0.0.1:METRICS_PORT/metrics`` for Prometheus
+(monitoring/prometheus.yml, docs/observability.md).
+
+With ``RAY_ADDRESS`` naming a running cluster there is nothing to start: the cluster's own
+metrics port applies, and this is plain ``serve run``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+#: The documented port of ``make run``'s metrics endpoint (Ray's docs use it for the same).
+METRICS_PORT = 8080
+
+
+def starts_own_cluster(address: str | None) -> bool:
+    return address in (None, "", "local")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m serve_app run", description=__doc__.split("\n\n")[0])
+    parser.add_argument("config")
+    parser.add_argument("--metrics-port", type=int, default=METRICS_PORT,
+                        help=f"Ray's Prometheus endpoint on this node (default {METRICS_PORT})")
+    parser.add_argument("--ray-temp-dir", default=None,
+                        help="Ray's temp dir (sessions and logs; default /tmp/ray)")
+    args = parser.parse_args(argv)
+
+    import ray
+    from ray.serve._private.constants import SERVE_NAMESPACE
+    from ray.serve.scripts import cli
+
+    address = os.environ.get("RAY_ADDRESS")
+    if starts_own_cluster(address):
+        kwargs = {"_temp_dir": args.ray_temp_dir} if args.ray_temp_dir else {}
+        ray.init(address="local", namespace=SERVE_NAMESPACE,
+                 _metrics_export_port=args.metrics_port, **kwargs)
+        print(f"serve_app: Ray metrics at http://127.0.0.1:{args.metrics_port}/metrics",
+              flush=True)
+    else:
+        print(f"serve_app: attaching to {address}; its metrics port applies", file=sys.stderr)
+    cli.main(["run", args.config], prog_name="serve")  # exits the process when done
+    return 0
