@@ -207,7 +207,12 @@ class Ingress:
             return await self.classifier.classify.remote(crops, [k for _, k, _ in items],
                                                          request_ids)
         finally:
-            self.metrics.group_done((time.perf_counter() - started) * 1000)
+            call_ms = (time.perf_counter() - started) * 1000
+            self.metrics.group_done(call_ms)
+            if self.settings.log_requests:
+                logger.info("request_ids=%s group of %d images: preprocess + classify calls "
+                            "%.1f ms", ",".join(request_ids), len(items), call_ms,
+                            extra={"request_ids": request_ids, "serve_app_stage": "dispatch"})
 
     async def _classify_bytes(self, data: bytes, top_k: int, request_id: str) -> list[dict]:
         try:
