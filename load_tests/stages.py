@@ -51,6 +51,13 @@ def mean_sizes(prom: prometheus.Prometheus, window_s: int) -> dict[str, float | 
             "batch": ratio("ray_serve_app_batched_images_total", "ray_serve_app_batch_size_count")}
 
 
+def replicas(prom: prometheus.Prometheus, window_s: int) -> dict[str, float]:
+    """The most healthy replicas each deployment had during the window."""
+    result = prom.query(f"max_over_time((sum by (deployment) (ray_serve_deployment_replica_healthy"
+                        f"{{{APP}}}))[{window_s}s:1s])")
+    return {r["metric"].get("deployment", "?"): float(r["value"][1]) for r in result}
+
+
 def logs(svc: ServeProcess, deployment: str) -> list[str]:
     return [line for path in sorted((svc.ray_dir / "session_latest" / "logs" / "serve").glob(
         f"replica_serve_app_{deployment}_*.log")) for line in path.read_text().splitlines()]
@@ -100,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
                             warmup_s=2.0, max_requests=20_000).summary()
             time.sleep(18)  # Ray's exporter reports every few seconds; Prometheus scrapes 1 s
             level = {"clients": clients, "client_side": load, "stages": {},
-                     "mean_size": mean_sizes(prom, window)}
+                     "mean_size": mean_sizes(prom, window), "replicas": replicas(prom, window)}
             for label, metric, selector in STAGES:
                 level["stages"][label] = {
                     f"p{int(q * 100)}_ms": quantile(prom, q, metric, selector, window)
@@ -122,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         c, sizes = lv["client_side"], lv["mean_size"]
         print(f"c={lv['clients']}: client p50 {c['p50_ms']} ms, p95 {c['p95_ms']} ms, "
               f"{c['rps']} req/s, {c['errors']} errors; mean group {sizes['group'] or 0:.2f}, "
-              f"mean batch {sizes['batch'] or 0:.2f}")
+              f"mean batch {sizes['batch'] or 0:.2f}; most replicas "
+              + ", ".join(f"{d} {n:g}" for d, n in sorted(lv["replicas"].items())))
     slow = result["levels"][-1]["slowest"]
     if slow:
         print(f"\nslowest request of the last level: {slow['request_id']} ({slow['ms']} ms)")

@@ -98,7 +98,7 @@ def error_payload(code: str, message: str, request_id: str) -> dict:
 
 def error_response(request: Request, code: str, message: str, status: int) -> Response:
     """The JSON error every failure gets, counted by its code."""
-    recorder = request_metrics._state.recorder
+    recorder = request_metrics.recorder()
     if recorder is not None:
         recorder.rejected(route_label(request.scope), code)
     return json_response(error_payload(code, message, request_id_of(request)), status)

@@ -11,6 +11,7 @@ The cluster gets :data:`RAY_CLUSTER_ENV` unless the caller's environment sets th
 from __future__ import annotations
 
 import copy
+import fcntl
 import os
 import signal
 import socket
@@ -72,6 +73,45 @@ def cluster_env(env: dict[str, str], taken: tuple[int, ...] = ()) -> dict[str, s
     return env
 
 
+# In HAProxy mode every ingress replica serves HTTP on a port Ray's controller hands out from
+# RAY_SERVE_DIRECT_INGRESS_MIN/MAX_HTTP_PORT (30000-31000, gRPC 40000-41000). Each cluster
+# counts from the bottom on its own, so two clusters on one machine give their first ingress
+# replicas the same port, and one cluster's HAProxy can reach the other's replica (seen: a
+# test's /readyz answered by another test's service). So every ServeProcess cluster gets its
+# own block of ports, held with a lock file while it runs.
+_BLOCK_BASE, _BLOCK_SIZE, _BLOCKS = 20000, 100, 50  # HTTP 20000-24999, gRPC +5000
+
+
+class PortBlock:
+    """An exclusive block of replica ports for one cluster on this machine (a lock file)."""
+
+    def __init__(self) -> None:
+        for k in range(_BLOCKS):
+            fd = os.open(f"{tempfile.gettempdir()}/serve_app_ports_{k}.lock",
+                         os.O_CREAT | os.O_RDWR, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                continue
+            self._fd, self.index = fd, k
+            return
+        raise RuntimeError(f"all {_BLOCKS} serve_app port blocks are in use")
+
+    def env(self) -> dict[str, str]:
+        http = _BLOCK_BASE + self.index * _BLOCK_SIZE
+        grpc = http + _BLOCKS * _BLOCK_SIZE
+        return {"RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(http),
+                "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(http + _BLOCK_SIZE - 1),
+                "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(grpc),
+                "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(grpc + _BLOCK_SIZE - 1)}
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
 def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:
@@ -129,11 +169,13 @@ class ServeProcess:
         #: Ray's temp dir for this cluster: its logs are under session_latest/logs.
         self.ray_dir = Path(self._tmpdir.name) / "ray"
         self.proc: Optional[subprocess.Popen] = None
+        self._ports: Optional[PortBlock] = None
 
     def start(self) -> "ServeProcess":
         self.config_path.write_text(yaml.safe_dump(self.config, sort_keys=False))
-        env = cluster_env({**RAY_CLUSTER_ENV, **os.environ, "RAY_ADDRESS": "local",
-                           "PYTHONUNBUFFERED": "1", **self.env},
+        self._ports = PortBlock()
+        env = cluster_env({**RAY_CLUSTER_ENV, **self._ports.env(), **os.environ,
+                           "RAY_ADDRESS": "local", "PYTHONUNBUFFERED": "1", **self.env},
                           taken=(self.port, self.metrics_port))
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(  # serve run, with the metrics port fixed (serve_app/runner.py)
@@ -183,6 +225,9 @@ class ServeProcess:
             proc.wait(timeout=10)
         if getattr(self, "_log", None):
             self._log.close()
+        if self._ports is not None:  # only once Ray's processes are gone
+            self._ports.release()
+            self._ports = None
 
     def close(self) -> None:
         self.stop()

@@ -167,8 +167,11 @@ class IngressMetrics(_Recorder):
         self["serve_app_request_duration_ms"].observe(duration_ms, tags=tags)
 
     def received(self, route: str, images: int, nbytes: int) -> None:
-        self["serve_app_images_received"].inc(images, tags={"route": route})
-        self["serve_app_bytes_received"].inc(nbytes, tags={"route": route})
+        # Ray's counters refuse an increment of 0 (an empty body is a valid request here).
+        if images > 0:
+            self["serve_app_images_received"].inc(images, tags={"route": route})
+        if nbytes > 0:
+            self["serve_app_bytes_received"].inc(nbytes, tags={"route": route})
 
     def rejected(self, route: str, error: str) -> None:
         self["serve_app_rejected_requests"].inc(tags={"route": route, "error": error})

@@ -34,6 +34,11 @@ def configure(recorder: Optional[IngressMetrics], log_requests: bool) -> None:
     _state.log_requests = log_requests
 
 
+def recorder() -> Optional[IngressMetrics]:
+    """This replica's ingress metrics (None outside a replica, e.g. under a test client)."""
+    return _state.recorder
+
+
 def header(scope: dict, name: bytes) -> Optional[str]:
     for key, value in scope.get("headers") or ():
         if key == name:

@@ -207,7 +207,8 @@ def test_one_request_is_followed_through_the_json_logs(service, client, photos):
     assert response.status_code == 200 and response.json()["request_id"] == rid
     found = _follow(service, "exact", rid, _json_record)
     assert all(found.values()), found
-    stage = {dep: [r for r in records if r.get("serve_app_stage")]
+    names = {"Ingress": "ingress", "Preprocessor": "preprocessor", "Classifier": "classifier"}
+    stage = {dep: [r for r in records if r.get("serve_app_stage") == names[dep]]
              for dep, records in found.items()}  # Ray logs other lines in the context too
     assert all(stage.values()), found
     assert stage["Ingress"][0]["request_id"] == rid and "-> 200" in stage["Ingress"][0]["message"]

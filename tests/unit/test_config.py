@@ -187,3 +187,28 @@ def test_free_ports_are_distinct_and_avoid_the_taken_ones():
     env = cluster_env({"RAY_SERVE_ENABLE_HA_PROXY": "1"}, taken=taken)
     chosen = {int(env["RAY_SERVE_HAPROXY_METRICS_PORT"]), int(env["RAY_SERVE_HAPROXY_STATS_PORT"])}
     assert len(chosen) == 2 and not chosen & set(taken)
+
+
+def test_each_cluster_gets_its_own_block_of_replica_ports():
+    """Two clusters on one machine must not hand their ingress replicas the same port."""
+    from serve_app.launch import PortBlock
+
+    a, b = PortBlock(), PortBlock()
+    try:
+        ea, eb = a.env(), b.env()
+        assert a.index != b.index
+        ra = range(int(ea["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"]),
+                   int(ea["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"]) + 1)
+        rb = range(int(eb["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"]),
+                   int(eb["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"]) + 1)
+        assert not set(ra) & set(rb) and len(ra) == 100
+        assert max(ra) < 32768  # below the kernel's ephemeral range (free_port's)
+        index = a.index
+    finally:
+        a.release()
+        b.release()
+    again = PortBlock()
+    try:
+        assert again.index <= index  # a released block is handed out again
+    finally:
+        again.release()

@@ -9,7 +9,6 @@ import re
 import pytest
 from fastapi import FastAPI, Query
 from fastapi.testclient import TestClient
-from ray.serve.exceptions import BackPressureError
 
 from serve_app import dashboard, imaging, metrics, request_metrics
 from serve_app.errors import InvalidImage
@@ -70,13 +69,14 @@ def probe_app() -> FastAPI:
         probe.add_exception_handler(exc_class, handler)
     probe.add_middleware(request_metrics.RequestMetrics)
 
+    # The classes the ingress module holds now (another test may have re-imported modules).
     @probe.post("/v1/classify")
     async def classify(top_k: int = Query(5, le=20)):
-        raise InvalidImage("not an image")
+        raise ingress.InvalidImage("not an image")
 
     @probe.get("/raise/{kind}")
     async def boom(kind: str):
-        raise {"busy": BackPressureError(num_queued_requests=1, max_queued_requests=1),
+        raise {"busy": ingress.BackPressureError(num_queued_requests=1, max_queued_requests=1),
                "slow": TimeoutError(), "bug": RuntimeError("bug")}[kind]
 
     return probe
@@ -169,3 +169,22 @@ def test_gauges_are_set_again_until_they_change(monkeypatch):
     recorder.compiled(True)
     _time.sleep(0.3)
     assert calls[0] == 0 and calls.count(0) >= 3 and calls[-1] == 1 and calls.count(1) >= 3
+
+
+def test_the_ingress_request_line_is_what_load_tests_stages_parses(recorder, caplog):
+    from load_tests.stages import INGRESS_LINE
+
+    app = FastAPI()
+    app.add_middleware(request_metrics.RequestMetrics)
+
+    @app.post("/v1/classify")
+    async def classify():
+        return {"ok": True}
+
+    with caplog.at_level("INFO", logger="ray.serve"), TestClient(app) as client:
+        client.post("/v1/classify", headers={"x-request-id": "req-7"})
+    lines = [r.getMessage() for r in caplog.records if "request_id=" in r.getMessage()]
+    match = INGRESS_LINE.search(lines[-1])
+    assert match and match.group(1) == "req-7" and match.group(2) == "200"
+    record = [r for r in caplog.records if "request_id=" in r.getMessage()][-1]
+    assert record.request_ids == ["req-7"] and record.serve_app_stage == "ingress"
