@@ -1,9 +1,11 @@
-"""Run a config with ``serve run`` in a child process, as a user would, and stop it cleanly.
+"""Run a config with ``serve run`` in a child process, as ``make run`` does, and stop it cleanly.
 
 Tests, the benchmark and the autoscaling experiment all start the service through
-:class:`ServeProcess`: a private local Ray cluster (``RAY_ADDRESS=local``) on a free loopback
-port, stopped with SIGTERM (``serve run`` ignores SIGINT in the background) and, if it
-lingers, killed with its process group, so nothing outlives a failed test.
+:class:`ServeProcess`: ``python -m serve_app run`` (``serve run`` with the metrics port fixed,
+serve_app/runner.py) on a private local Ray cluster (``RAY_ADDRESS=local``), free loopback
+ports for HTTP and metrics, its own Ray temp dir (``ray_dir``: its log files) and its own block
+of replica ports; stopped with SIGTERM (``serve run`` ignores SIGINT in the background) and,
+if it lingers, killed with its process group, so nothing outlives a failed test.
 
 The cluster gets :data:`RAY_CLUSTER_ENV` unless the caller's environment sets those variables.
 """
