@@ -62,13 +62,17 @@ def free_ports(n: int, avoid: tuple[int, ...] = ()) -> list[int]:
 
 
 # HAProxy's own listeners, on fixed ports by default: a second cluster on the same machine
-# (a test beside a running service) could not start its HAProxy.
-_HAPROXY_PORTS = ("RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_STATS_PORT")
+# (a test beside a running service) could not start its HAProxy. And the fallback Ray proxy
+# that HAProxy sends requests to while no ingress replica is up: it binds 127.0.0.1:8500 with
+# SO_REUSEPORT, so two clusters share that port and the kernel splits connections between
+# them (seen: a starting cluster's /readyz answered 200 by another cluster's proxy).
+_HAPROXY_PORTS = ("RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_STATS_PORT",
+                  "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT")
 
 
 def cluster_env(env: dict[str, str], taken: tuple[int, ...] = ()) -> dict[str, str]:
     """``env`` with free ports (none of ``taken``) for HAProxy's metrics and stats listeners
-    when HAProxy is on and the caller did not choose them."""
+    and the fallback proxy when HAProxy is on and the caller did not choose them."""
     if env.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":
         ports = free_ports(len(_HAPROXY_PORTS), taken)
         env = {**{name: str(p) for name, p in zip(_HAPROXY_PORTS, ports)}, **env}

@@ -185,8 +185,10 @@ def test_free_ports_are_distinct_and_avoid_the_taken_ones():
     ports = free_ports(20, avoid=taken)
     assert len(set(ports)) == 20 and not set(ports) & set(taken)
     env = cluster_env({"RAY_SERVE_ENABLE_HA_PROXY": "1"}, taken=taken)
-    chosen = {int(env["RAY_SERVE_HAPROXY_METRICS_PORT"]), int(env["RAY_SERVE_HAPROXY_STATS_PORT"])}
-    assert len(chosen) == 2 and not chosen & set(taken)
+    names = ("RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_STATS_PORT",
+             "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT")
+    chosen = {int(env[name]) for name in names}
+    assert len(chosen) == 4 and not chosen & set(taken)
 
 
 def test_each_cluster_gets_its_own_block_of_replica_ports():
