@@ -197,14 +197,20 @@ def _text_record(line: str):
     return {"ids": ids, "line": line}
 
 
+def _classify_with_an_id(client: httpx.Client, path: str, photo) -> str:
+    """POST a photo with a fresh X-Request-ID; the answer must carry it back."""
+    rid = f"follow-{uuid.uuid4().hex}"
+    response = client.post(path, content=encode(photo),
+                           headers={"content-type": "image/jpeg", "x-request-id": rid})
+    assert response.status_code == 200 and response.json()["request_id"] == rid
+    return rid
+
+
 def test_one_request_is_followed_through_the_json_logs(service, client, photos):
     """/exact logs in Ray's JSON encoding: the ingress line carries the request id (Ray's
     context), the preprocessor and the classifier's @serve.batch line carry it in
     ``request_ids`` (serve_app carries them; Ray's context names one request per call)."""
-    rid = f"follow-{uuid.uuid4().hex}"
-    response = client.post("/exact/v1/classify", content=encode(photos["coffee"]),
-                           headers={"content-type": "image/jpeg", "x-request-id": rid})
-    assert response.status_code == 200 and response.json()["request_id"] == rid
+    rid = _classify_with_an_id(client, "/exact/v1/classify", photos["coffee"])
     found = _follow(service, "exact", rid, _json_record)
     assert all(found.values()), found
     names = {"Ingress": "ingress", "Preprocessor": "preprocessor", "Classifier": "classifier"}
@@ -219,10 +225,7 @@ def test_one_request_is_followed_through_the_json_logs(service, client, photos):
 
 
 def test_one_request_is_followed_through_the_text_logs(service, client, photos):
-    rid = f"follow-{uuid.uuid4().hex}"
-    response = client.post("/v1/classify", content=encode(photos["chelsea"]),
-                           headers={"content-type": "image/jpeg", "x-request-id": rid})
-    assert response.status_code == 200 and response.json()["request_id"] == rid
+    rid = _classify_with_an_id(client, "/v1/classify", photos["chelsea"])
     found = _follow(service, "serve_app", rid, _text_record)
     assert all(found.values()), found
     assert "batch of" in found["Classifier"][0]["line"]
