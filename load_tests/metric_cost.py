@@ -32,13 +32,12 @@ def measure(calls: int) -> dict:
         "ingress.received": _time(lambda: ingress.received("/v1/classify", 1, 150_000), calls),
         "ingress.group(1 image)": _time(lambda: ingress.group(1, [0.2]), calls),
         "ingress.group_done": _time(lambda: ingress.group_done(30.0), calls),
-        "ingress.queue": _time(lambda: ingress.queue(0, 1), calls),
         "preprocessor.image": _time(lambda: pre.image(0.005, None), calls),
         "classifier.batch(8 images)": _time(lambda: clf.batch(8, 0.03, [0.001] * 8), calls),
     }
     per_request = {  # one single-image request, one group of 1; a batch of 8 shared by 8
         "ingress": us["ingress.request"] + us["ingress.received"] + us["ingress.group(1 image)"]
-        + us["ingress.group_done"] + us["ingress.queue"],
+        + us["ingress.group_done"],
         "preprocessor": us["preprocessor.image"],
         "classifier": us["classifier.batch(8 images)"] / 8,
     }

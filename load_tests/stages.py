@@ -33,6 +33,8 @@ STAGES = (
     ("forward pass (per batch)", "serve_app_forward_ms", ""),
 )
 APP = 'application="serve_app"'
+EXPORT_LAG_S = 18  # Ray's exporter reports every few seconds; Prometheus scrapes every 1 s
+GAP_S = 4  # idle between levels, so a level's window holds none of the last one's requests
 INGRESS_LINE = re.compile(r"request_id=(\S+) POST /v1/classify -> (\d+) in ([\d.]+) ms")
 
 
@@ -100,12 +102,12 @@ def main(argv: list[str] | None = None) -> int:
     result = {"config": args.config, "duration_s": args.duration, "levels": []}
     with ServeProcess(args.config, edit=edit) as svc, \
             prometheus.Prometheus([svc.metrics_url.split("//")[1].split("/")[0]]) as prom:
-        window = int(args.duration) + 20
+        window = int(args.duration) + EXPORT_LAG_S + 2  # the level, its warm-up and the lag
         for clients in [int(c) for c in args.clients.split(",")]:
             started = time.time()
             load = run_load(svc.url + "/v1/classify", bodies, clients, args.duration,
                             warmup_s=2.0, max_requests=20_000).summary()
-            time.sleep(18)  # Ray's exporter reports every few seconds; Prometheus scrapes 1 s
+            time.sleep(EXPORT_LAG_S)
             level = {"clients": clients, "client_side": load, "stages": {},
                      "mean_size": mean_sizes(prom, window), "replicas": replicas(prom, window)}
             for label, metric, selector in STAGES:
@@ -114,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                     for q in (0.5, 0.95)}
             level["slowest"] = follow_slowest(svc, started)
             result["levels"].append(level)
-            time.sleep(max(0, window - 18 - args.duration + 2))  # the next window starts clean
+            time.sleep(GAP_S)
 
     print(f"{'stage':42} " + " ".join(f"{'c=' + str(lv['clients']) + ' p50':>12} "
                                         f"{'p95':>8}" for lv in result["levels"]))

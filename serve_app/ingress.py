@@ -9,7 +9,6 @@ through here.
 import asyncio
 import logging
 import time
-import uuid
 from typing import Any, Optional
 
 import orjson
@@ -35,9 +34,6 @@ from serve_app.errors import (
 from serve_app.metrics import IngressMetrics, route_label
 
 logger = logging.getLogger("ray.serve")
-
-REQUEST_ID_HEADER = "x-request-id"
-
 
 # ---- response schemas (for /docs; the hot path writes JSON bytes directly) ----
 class Prediction(BaseModel):
@@ -105,12 +101,8 @@ def error_response(request: Request, code: str, message: str, status: int) -> Re
 
 
 def request_id_of(request: Request) -> str:
-    """Ray's proxy puts the client's X-Request-ID (or a fresh id) on every request and echoes
-    it on every response; we only repeat it in JSON bodies."""
-    rid = request.headers.get(REQUEST_ID_HEADER)
-    if rid is None:  # outside Serve's proxy (e.g. the app under a test client)
-        rid = request.scope.setdefault("state", {}).setdefault("request_id", uuid.uuid4().hex)
-    return rid
+    """The request's id (serve_app.request_metrics.request_id), repeated in JSON bodies."""
+    return request_metrics.request_id(request.scope)
 
 
 app = FastAPI(
@@ -192,10 +184,10 @@ class Ingress:
         request_metrics.configure(self.metrics, settings.log_requests)
         self.batcher = CallBatcher(self._classify_group, settings.dispatch.max_batch_size,
                                    settings.dispatch.max_in_flight, self._dispatched)
+        self.metrics.watch_queue(lambda: self.batcher.queued, lambda: self.batcher.in_flight_items)
 
     def _dispatched(self, waits_s: list[float]) -> None:
         self.metrics.group(len(waits_s), [w * 1000 for w in waits_s])
-        self.metrics.queue(self.batcher.queued, self.batcher.in_flight_items + len(waits_s))
 
     async def _classify_group(self, items: list[tuple[bytes, int, str]]) -> list:
         """One preprocessor and one classifier call for a group. The request ids travel with
@@ -248,7 +240,7 @@ class Ingress:
                 f"Content-Type {content_type or '(none)'} is not supported; send image/* bytes "
                 "or multipart/form-data with a field named 'file'.")
         rid = request_id_of(request)
-        self.metrics.received("/v1/classify", 1, len(data))
+        self.metrics.received(route_label(request.scope), 1, len(data))
         predictions = await self._classify_bytes(data, self._top_k(top_k), rid)
         return json_response({"model": self.model_name, "predictions": predictions,
                               "request_id": rid})
@@ -272,7 +264,7 @@ class Ingress:
             raise InvalidImage("The multipart body has no file fields named 'files'.")
         k, rid = self._top_k(top_k), request_id_of(request)
         payloads = [await u.read() for u in uploads]
-        self.metrics.received("/v1/classify/batch", len(payloads), sum(map(len, payloads)))
+        self.metrics.received(route_label(request.scope), len(payloads), sum(map(len, payloads)))
         outcomes = await asyncio.gather(*(self._classify_bytes(p, k, rid) for p in payloads),
                                         return_exceptions=True)
         results = []
@@ -291,9 +283,7 @@ class Ingress:
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """Images waiting here for a free call slot: load the Classifier's own request count
-        cannot see (serve_app.autoscaling adds it). Ray calls this every metrics interval: the
-        queue gauges are refreshed here too."""
-        self.metrics.queue(self.batcher.queued, self.batcher.in_flight_items)
+        cannot see (serve_app.autoscaling adds it)."""
         return {"images_queued": float(self.batcher.queued)}
 
     @app.get("/v1/models", summary="The served model")

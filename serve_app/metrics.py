@@ -19,7 +19,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional, Union
 
 #: Milliseconds, for every latency histogram: a GPU forward pass (sub-ms to tens of ms) and a
 #: CPU one or a queued request (tens to thousands of ms) both land in well-resolved buckets.
@@ -30,7 +30,8 @@ SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 PREFIX = "ray_"  # what Ray's exporter puts in front of every application metric
 #: Ray's exporter drops a gauge value that was not set again within two export intervals, so
-#: a value set once (a start time, "compiled") is set again this often.
+#: a value set once (a start time, "compiled") is set again this often, and a watched one
+#: (a queue length) is read this often.
 GAUGE_REFRESH_S = 2.0
 
 
@@ -113,12 +114,13 @@ def route_label(scope: dict) -> str:
 
 class _Recorder:
     """The metric objects of one role, made in the replica that records them. Gauges are set
-    through :meth:`set_gauge`, which keeps them exported until they change."""
+    through :meth:`set_gauge`, which keeps them exported until they change; given a function,
+    it reads the value every GAUGE_REFRESH_S, off the request path."""
 
     role = ""
 
     def __init__(self, default_tags: Optional[dict[str, str]] = None):
-        self._gauges: dict[tuple, tuple[str, float, dict]] = {}
+        self._gauges: dict[tuple[str, tuple], Union[float, Callable[[], float]]] = {}
         self._gauge_lock = threading.Lock()
         self._refresher: Optional[threading.Thread] = None
         from ray.serve import metrics as serve_metrics
@@ -139,23 +141,28 @@ class _Recorder:
     def __getitem__(self, name: str):
         return self._metrics[name]
 
-    def set_gauge(self, name: str, value: float, tags: Optional[dict[str, str]] = None) -> None:
-        tags = tags or {}
+    def set_gauge(self, name: str, value: Union[float, Callable[[], float]],
+                  tags: Optional[dict[str, str]] = None) -> None:
+        key = (name, tuple(sorted((tags or {}).items())))
         with self._gauge_lock:
-            self._gauges[(name, tuple(sorted(tags.items())))] = (name, value, tags)
+            self._gauges[key] = value
             if self._refresher is None:
                 self._refresher = threading.Thread(target=self._refresh, daemon=True,
                                                    name="serve_app-gauges")
                 self._refresher.start()
-        self[name].set(value, tags=dict(tags) or None)
+        self._export(key, value)
+
+    def _export(self, key: tuple[str, tuple], value) -> None:
+        name, tags = key
+        self[name].set(value() if callable(value) else value, tags=dict(tags) or None)
 
     def _refresh(self) -> None:
         while True:
             time.sleep(GAUGE_REFRESH_S)
             with self._gauge_lock:
-                values = list(self._gauges.values())
-            for name, value, tags in values:
-                self[name].set(value, tags=dict(tags) or None)
+                gauges = list(self._gauges.items())
+            for key, value in gauges:
+                self._export(key, value)
 
 
 class IngressMetrics(_Recorder):
@@ -186,7 +193,8 @@ class IngressMetrics(_Recorder):
     def group_done(self, duration_ms: float) -> None:
         self["serve_app_group_duration_ms"].observe(duration_ms)
 
-    def queue(self, queued: int, in_flight: int) -> None:
+    def watch_queue(self, queued: Callable[[], int], in_flight: Callable[[], int]) -> None:
+        """The grouping queue's lengths, read every GAUGE_REFRESH_S (not on each request)."""
         self.set_gauge("serve_app_dispatch_queued", queued)
         self.set_gauge("serve_app_dispatch_in_flight", in_flight)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from typing import Optional
 
 from serve_app.metrics import IngressMetrics, route_label
@@ -39,11 +40,14 @@ def recorder() -> Optional[IngressMetrics]:
     return _state.recorder
 
 
-def header(scope: dict, name: bytes) -> Optional[str]:
+def request_id(scope: dict) -> str:
+    """Ray's proxy puts the client's X-Request-ID (or a fresh id) on every request and echoes
+    it on every response. Outside Serve's proxy (the app under a test client) one is made and
+    kept in the request's state, so every reader of this request sees the same one."""
     for key, value in scope.get("headers") or ():
-        if key == name:
+        if key == REQUEST_ID_HEADER:
             return value.decode("latin-1")
-    return None
+    return scope.setdefault("state", {}).setdefault("request_id", uuid.uuid4().hex)
 
 
 class RequestMetrics:
@@ -74,7 +78,7 @@ class RequestMetrics:
             if recorder is not None:
                 recorder.request(route, status, duration_ms)
             if _state.log_requests:
-                rid = header(scope, REQUEST_ID_HEADER) or (scope.get("state") or {}).get("request_id")
+                rid = request_id(scope)
                 logger.info("request_id=%s %s %s -> %d in %.1f ms", rid, scope.get("method"),
                             route, status, duration_ms,
                             extra={"request_ids": [rid], "serve_app_stage": "ingress"})

@@ -188,3 +188,23 @@ def test_the_ingress_request_line_is_what_load_tests_stages_parses(recorder, cap
     assert match and match.group(1) == "req-7" and match.group(2) == "200"
     record = [r for r in caplog.records if "request_id=" in r.getMessage()][-1]
     assert record.request_ids == ["req-7"] and record.serve_app_stage == "ingress"
+
+
+def test_a_watched_gauge_is_read_off_the_request_path(monkeypatch):
+    """The ingress queue gauges are functions read every GAUGE_REFRESH_S, so they follow the
+    queue down to 0 after traffic without a call on each request."""
+    import time as _time
+
+    monkeypatch.setattr(metrics, "GAUGE_REFRESH_S", 0.05)
+    recorder = metrics.IngressMetrics()
+    seen = {"serve_app_dispatch_queued": [], "serve_app_dispatch_in_flight": []}
+    for name, values in seen.items():
+        monkeypatch.setattr(recorder[name], "set", lambda v, tags=None, out=values: out.append(v))
+    queue = [3]
+    recorder.watch_queue(lambda: queue[0], lambda: 2 * queue[0])
+    _time.sleep(0.2)
+    queue[0] = 0
+    _time.sleep(0.2)
+    queued, in_flight = seen["serve_app_dispatch_queued"], seen["serve_app_dispatch_in_flight"]
+    assert queued[0] == 3 and queued[-1] == 0 and len(queued) >= 4
+    assert in_flight[0] == 6 and in_flight[-1] == 0
