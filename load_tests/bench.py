@@ -38,10 +38,11 @@ import yaml
 
 from load_tests.client import run_load
 from load_tests.sampling import Sampler, ServeStatusClient, dashboard_url_from_log
+from serve_app import topology
 
 APP_NAME = "serve_app"
 GROUPS = ("ingress", "proxy", "preprocessor", "classifier", "raylet", "other_ray")
-_REPLICA = re.compile(r"ray::ServeReplica:([^:\s]+):(\w+)")
+_REPLICA = re.compile(r"ray::ServeReplica:([^:\s]+):([\w.-]+)")
 
 
 # ---------------------------------------------------------------- pure parts (unit-tested)
@@ -94,8 +95,8 @@ def group_of(cmdline: str, app: str = APP_NAME) -> Optional[str]:
     if match:
         if match.group(1) != app:
             return "other_ray"
-        return {"Ingress": "ingress", "Preprocessor": "preprocessor",
-                "Classifier": "classifier"}.get(match.group(2), "other_ray")
+        role = topology.role(match.group(2))  # Classifier_<model> too (several models)
+        return role.lower() if role else "other_ray"
     if "ray::ProxyActor" in cmdline or re.search(r"(^|/)haproxy(\s|$)", cmdline):
         return "proxy"  # Ray's Python proxy, or HAProxy with RAY_SERVE_ENABLE_HA_PROXY=1
     if re.search(r"(^|/)raylet(\s|$)", cmdline):

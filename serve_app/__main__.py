@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         for path in args.configs:
             try:
                 for name, settings, batching in check_file(path):
-                    print(f"{path}: {name}: ok (model {settings.model.name}, "
+                    models = ", ".join(m.id for m in settings.served)
+                    print(f"{path}: {name}: ok (models {models}, default {settings.primary.id}; "
                           f"batch {batching.max_batch_size}/{batching.batch_wait_timeout_s}s)")
             except (ConfigError, OSError) as exc:
                 print(exc, file=sys.stderr)

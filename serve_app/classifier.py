@@ -70,7 +70,8 @@ class Predictor:
 
     @torch.inference_mode()
     def predict(self, batch: torch.Tensor, runner: tuple | None = None) -> torch.Tensor:
-        """(N, 3, H, W) uint8 to (N, classes) float32 probabilities on the CPU."""
+        """(N, 3, H, W) uint8 (or float in [0, 1]) to (N, classes) float32 probabilities on the
+        CPU."""
         network, limit = runner or self._runner
         x = batch.to(self.device, non_blocking=True)
         x = imaging.normalize(x, self.info.transform.mean, self.info.transform.std, self.dtype)
@@ -105,7 +106,7 @@ class Classifier:
     def __init__(self, model: ModelConfig, warmup_iterations: int = 1,
                  info: models.ModelInfo | None = None, log_requests: bool = False):
         init_started = time.perf_counter()
-        self.metrics = ClassifierMetrics(model.name)
+        self.metrics = ClassifierMetrics(model.id)
         self.metrics.starting(True)
         self.log_requests = log_requests
         resources = self._resources = assigned_resources()
@@ -139,7 +140,7 @@ class Classifier:
         mode = ("compiled" if self.predictor.compiled else
                 "eager, compiled artifact building in the background" if model.compile else "eager")
         logger.info("Classifier %s on %s (%s, %d threads, %s) loaded and warmed up in %.2fs",
-                    model.name, self.predictor.device, self.predictor.dtype, self.threads, mode,
+                    model.id, self.predictor.device, self.predictor.dtype, self.threads, mode,
                     self.init_s)
 
     def _swap_in_when_built(self) -> None:
@@ -187,7 +188,7 @@ class Classifier:
                              ) -> list[torch.Tensor]:
         """``images``: (crop, request id, when it joined the queue). Ray clears the request
         context inside a batch, so the ids come in with the images."""
-        batch = torch.stack([pixels for pixels, _, _ in images])
+        batch = imaging.stack_pixels([pixels for pixels, _, _ in images])
         # Here, not only in reconfigure: torch's thread count is per OS thread once a thread
         # has run an op (OpenMP), and Ray runs __init__, reconfigure and requests on
         # different threads. Set in reconfigure alone, 2 threads were reported and 1 used.

@@ -9,6 +9,7 @@ from typing import Iterator
 
 import torch
 
+from serve_app import topology
 from serve_app.artifacts import Artifact
 from serve_app.config import ConfigError, ModelConfig
 from serve_app.configfile import check, deployment_options, load
@@ -22,14 +23,17 @@ def artifacts_of(data: dict, source: str = "config"
     parsed = {name: settings for name, settings, _ in check(data, source)}
     for app in data["applications"]:
         settings = parsed.get(app.get("name", "default"))
-        if settings is None or not settings.model.compile:
+        if settings is None:
             continue
-        options = deployment_options(app, "Classifier")
-        resources = options.get("ray_actor_options") or {}
-        device = torch.device("cuda" if resources.get("num_gpus", 0) > 0 else "cpu")
-        # As Classifier.__init__: threads from the CPU share (Ray's default share is 1 CPU).
-        threads = cpu_threads({"CPU": resources.get("num_cpus", 1)})
-        yield app.get("name", "default"), settings.model, device, threads
+        for route in topology.plan(settings):
+            if not route.model.compile:
+                continue
+            options = deployment_options(app, route.classifier)
+            resources = options.get("ray_actor_options") or {}
+            device = torch.device("cuda" if resources.get("num_gpus", 0) > 0 else "cpu")
+            # As Classifier.__init__: threads from the CPU share (Ray's default share is 1 CPU).
+            threads = cpu_threads({"CPU": resources.get("num_cpus", 1)})
+            yield app.get("name", "default"), route.model, device, threads
 
 
 def compile_configs(paths: list[str]) -> int:
@@ -63,6 +67,6 @@ def compile_config(data: dict, path: str = "config") -> int:
             status = 1
             continue
         what = f"built in {time.perf_counter() - started:.1f}s" if built else "already built"
-        print(f"{path}: {app}: {model.name} ({device.type}, {threads} threads) {what}: "
+        print(f"{path}: {app}: {model.id} ({device.type}, {threads} threads) {what}: "
               f"{artifact.path}")
     return status

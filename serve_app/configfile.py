@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from ray.serve.config import AutoscalingConfig
 from ray.serve.schema import DeploymentSchema, ServeDeploySchema
 
+from serve_app import topology
 from serve_app.config import (
     AppConfig,
     ClassifierSettings,
@@ -80,6 +81,21 @@ def _check_policy(policy: Any, where: str) -> None:
         raise ConfigError(f"{where}: autoscaling_policy: {type(exc).__name__}: {exc}") from None
 
 
+def _check_classifier(classifier: dict[str, Any], batching: ClassifierSettings,
+                      settings: AppConfig, where: str) -> None:
+    """One classifier deployment's options against the app's args."""
+    # A replica holds at most max_ongoing_requests calls of at most dispatch.max_batch_size
+    # images each; a batch larger than that could never fill (Ray issue #43288).
+    max_ongoing = classifier.get("max_ongoing_requests", 32)
+    reachable = max_ongoing * settings.dispatch.max_batch_size
+    if batching.max_batch_size > reachable:
+        raise ConfigError(
+            f"{where}: user_config.max_batch_size ({batching.max_batch_size}) is larger than "
+            f"its max_ongoing_requests ({max_ongoing}) times args.dispatch.max_batch_size "
+            f"({settings.dispatch.max_batch_size}): batches could never fill.")
+    _check_threads(classifier, batching, where)
+
+
 def _check_threads(classifier: dict[str, Any], batching: ClassifierSettings, where: str) -> None:
     """Refuse more torch threads than the CPU share on several replicas with OpenMP spinning:
     measured on 2 cores, two replicas of 2 threads ran 4-6x slower (load_tests/RESULTS.md,
@@ -94,7 +110,7 @@ def _check_threads(classifier: dict[str, Any], batching: ClassifierSettings, whe
     if threads > share and (replicas == "auto" or replicas > 1) \
             and str(env.get("OMP_WAIT_POLICY", "")).upper() != "PASSIVE":
         raise ConfigError(
-            f"{where}: Classifier user_config.torch_threads ({batching.torch_threads}) is more "
+            f"{where}: user_config.torch_threads ({batching.torch_threads}) is more "
             f"than its CPU share gives ({share}) on up to {replicas} replicas: OpenMP's spinning "
             "threads would fight over the cores. Set OMP_WAIT_POLICY: PASSIVE in "
             "ray_actor_options.runtime_env.env_vars, or keep one replica.")
@@ -113,29 +129,28 @@ def check(data: dict[str, Any], source: str = "config") -> list[tuple[str, AppCo
         where = f"{source}: application {app_schema.name!r}"
         try:
             settings = parse_app_config(app.get("args"))
-            classifier = deployment_options(app, "Classifier")
-            batching = parse_classifier_settings(classifier.get("user_config"))
         except ConfigError as exc:
             raise ConfigError(f"{where}: {exc}") from None
-        # A replica holds at most max_ongoing_requests calls of at most dispatch.max_batch_size
-        # images each; a batch larger than that could never fill (Ray issue #43288).
-        max_ongoing = classifier.get("max_ongoing_requests", 32)
-        reachable = max_ongoing * settings.dispatch.max_batch_size
-        if batching.max_batch_size > reachable:
-            raise ConfigError(
-                f"{where}: Classifier user_config.max_batch_size ({batching.max_batch_size}) is "
-                f"larger than its max_ongoing_requests ({max_ongoing}) times "
-                f"args.dispatch.max_batch_size ({settings.dispatch.max_batch_size}): batches "
-                "could never fill.")
-        _check_threads(classifier, batching, where)
-        known = {"Ingress", "Preprocessor", "Classifier"}
+        routes = topology.plan(settings)
+        known = topology.deployment_names(routes)
         for entry in app.get("deployments") or []:
             if entry.get("name") not in known:
-                raise ConfigError(f"{where}: unknown deployment {entry.get('name')!r}; "
-                                  f"serve_app has {sorted(known)}")
+                raise ConfigError(f"{where}: unknown deployment {entry.get('name')!r}; this "
+                                  f"application's deployments are {known} "
+                                  "(serve_app/topology.py)")
             _check_deployment_keys(entry, where)
+        primary = None
+        for route in routes:
+            classifier = deployment_options(app, route.classifier)
+            try:
+                batching = parse_classifier_settings(classifier.get("user_config"))
+            except ConfigError as exc:
+                raise ConfigError(f"{where}: {route.classifier}: {exc}") from None
+            _check_classifier(classifier, batching, settings, f"{where}: {route.classifier}")
+            if route.model.id == settings.primary.id:
+                primary = batching
         _check_policy(app.get("autoscaling_policy"), where)
-        parsed.append((app_schema.name, settings, batching))
+        parsed.append((app_schema.name, settings, primary))
     return parsed
 
 

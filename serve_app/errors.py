@@ -56,3 +56,19 @@ def find_client_error(exc: BaseException) -> ClientError | None:
         cause = getattr(exc, "cause", None)  # RayTaskError keeps the original here
         exc = cause if isinstance(cause, BaseException) else exc.__cause__
     return None
+
+
+class UnknownModel(ClientError):
+    code = "model_not_found"
+    status = 404
+
+
+class NotReady(Exception):
+    """The model cannot answer yet (loading, or no replica is up): a 503, never a 4xx."""
+
+    code = "not_ready"
+    status = 503
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message

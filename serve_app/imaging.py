@@ -21,7 +21,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from serve_app.crops import Crops
 from serve_app.errors import ClientError, ImageTooLarge, InvalidImage
+
+__all__ = ["Crops"]  # re-exported: the preprocessor's output type
 
 #: Formats a client may send. MPO is what cameras call a JPEG with extra frames.
 SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF"})
@@ -123,22 +126,6 @@ def preprocess(data: bytes, spec: TransformSpec, max_pixels: int) -> torch.Tenso
     return resize_crop(decode_image(data, max_pixels), spec)
 
 
-@dataclass
-class Crops:
-    """A group of images after preprocessing: the crops that worked, stacked in input order,
-    and per input either None (its crop is next in ``pixels``) or why it failed.
-
-    numpy, not torch: Ray hands a large array to the next replica from its object store without
-    copying it, and pickles it an order of magnitude faster than a tensor.
-    """
-
-    pixels: np.ndarray  # (n_ok, 3, crop, crop) uint8
-    errors: list[Exception | None]
-
-    def __len__(self) -> int:
-        return len(self.errors)
-
-
 def preprocess_many(images: Sequence[bytes], spec: TransformSpec, max_pixels: int,
                     on_image: Callable[[float, Exception | None], None] | None = None) -> Crops:
     """The preprocessor's whole job: :func:`preprocess` each image; one bad image fails alone.
@@ -163,10 +150,20 @@ def preprocess_many(images: Sequence[bytes], spec: TransformSpec, max_pixels: in
     return Crops(pixels, errors)
 
 
+def stack_pixels(crops: Sequence[torch.Tensor]) -> torch.Tensor:
+    """One batch from crops of one size: uint8 as they come, float32 in [0, 1] as soon as one
+    of them is (a /v2 ``pixels`` request may share a batch with decoded images)."""
+    if any(c.is_floating_point() for c in crops):
+        crops = [c if c.is_floating_point() else c.float().div_(255) for c in crops]
+        return torch.stack([c.float() for c in crops])
+    return torch.stack(list(crops))
+
+
 def normalize(batch: torch.Tensor, mean: Sequence[float], std: Sequence[float],
               dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """uint8 (N, 3, H, W) to normalized floats, as ``convert_image_dtype`` + ``normalize``."""
-    x = batch.to(dtype).div_(255)
+    """uint8 (N, 3, H, W), or floats already in [0, 1], to normalized floats, as
+    ``convert_image_dtype`` + ``normalize``."""
+    x = batch.to(dtype) if batch.is_floating_point() else batch.to(dtype).div_(255)
     mean_t = torch.as_tensor(mean, dtype=dtype, device=x.device).view(1, -1, 1, 1)
     std_t = torch.as_tensor(std, dtype=dtype, device=x.device).view(1, -1, 1, 1)
     return x.sub_(mean_t).div_(std_t)

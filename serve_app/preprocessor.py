@@ -11,6 +11,7 @@ from ray import serve
 from serve_app import imaging
 from serve_app.metrics import PreprocessorMetrics
 from serve_app.runtime import configure_torch_threads
+from serve_app.topology import FEEDS
 
 logger = logging.getLogger("ray.serve")
 
@@ -38,8 +39,10 @@ class Preprocessor:
     """
 
     def __init__(self, transform: imaging.TransformSpec, max_image_pixels: int,
-                 log_requests: bool = False):
+                 log_requests: bool = False, feeds: tuple[str, ...] = ()):
+        """``feeds``: the classifier deployments this one prepares images for."""
         self.transform = transform
+        self.feeds = feeds
         self.max_image_pixels = max_image_pixels
         self.log_requests = log_requests
         self.metrics = PreprocessorMetrics()
@@ -61,3 +64,8 @@ class Preprocessor:
                         (time.perf_counter() - started) * 1000,
                         extra={"request_ids": ids, "serve_app_stage": "preprocessor"})
         return crops
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Which classifiers this preprocessor feeds (serve_app.topology.FEEDS), so the policy
+        sizes it to them."""
+        return {FEEDS + name: 1.0 for name in self.feeds}

@@ -32,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"Ray's Prometheus endpoint on this node (default {METRICS_PORT})")
     parser.add_argument("--ray-temp-dir", default=None,
                         help="Ray's temp dir (sessions and logs; default /tmp/ray)")
+    parser.add_argument("--num-cpus", type=int, default=None,
+                        help="logical CPUs of the cluster (default: the machine's cores); more "
+                             "lets several small applications share one test cluster")
     args = parser.parse_args(argv)
 
     import ray
@@ -41,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     address = os.environ.get("RAY_ADDRESS")
     if starts_own_cluster(address):
         kwargs = {"_temp_dir": args.ray_temp_dir} if args.ray_temp_dir else {}
+        if args.num_cpus is not None:
+            kwargs["num_cpus"] = args.num_cpus
         ray.init(address="local", namespace=SERVE_NAMESPACE,
                  _metrics_export_port=args.metrics_port, **kwargs)
         print(f"serve_app: Ray metrics at http://127.0.0.1:{args.metrics_port}/metrics",

@@ -5,7 +5,12 @@ same cluster (one cluster start instead of three):
 - "/exact": resnet18 with random weights, to prove the served scores equal an in-process
   forward for a torchvision model;
 - "/mobilenet": mobilenet_v2 with the real weights file named by
-  SERVE_APP_TEST_MOBILENET_V2_WEIGHTS (added only when that variable is set).
+  SERVE_APP_TEST_MOBILENET_V2_WEIGHTS (added only when that variable is set);
+- "/multi": configs/multi-model.yaml (EfficientNet-Lite0 and -Lite2, real weights), eager and
+  small, its classifiers still autoscaling (tests/integration/test_multi_model.py).
+
+The cluster gets 3 logical CPUs for the applications' small shares: room for "/multi" to add a
+classifier replica, none for the default application's Classifier (0.8) to scale.
 
 Every application logs a line per request and stage (``args.log_requests``), "/exact" in
 Ray's JSON encoding: tests/integration/test_monitoring.py follows request ids through both.
@@ -17,6 +22,7 @@ import os
 import httpx
 import pytest
 
+from serve_app import configfile, topology
 from serve_app.launch import ServeProcess
 from tests.conftest import CONFIGS
 
@@ -34,6 +40,23 @@ def _small_app(base: dict, name: str, model: dict) -> dict:
     return app
 
 
+def _multi_model_app() -> dict:
+    """configs/multi-model.yaml's application at "/multi": eager (no background compile during
+    the tests), small CPU shares, classifiers autoscaling from 1 to 2 replicas."""
+    app = configfile.load(CONFIGS / "multi-model.yaml")["applications"][0]
+    app.update(name="multi", route_prefix="/multi")
+    app["args"]["log_requests"] = True
+    for model in app["args"]["models"]:
+        model["compile"] = False
+    for entry in app["deployments"]:
+        role = topology.role(entry["name"])
+        entry["ray_actor_options"] = {"num_cpus": 0.25 if role == topology.CLASSIFIER else 0.05}
+        if role != topology.CLASSIFIER:  # one replica; still under the app's policy, which
+            # Ray applies only when every deployment of the app autoscales
+            entry["autoscaling_config"] = {**entry["autoscaling_config"], "max_replicas": 1}
+    return app
+
+
 def _add_test_apps(config: dict) -> None:
     base = config["applications"][0]
     base["args"]["log_requests"] = True
@@ -43,11 +66,12 @@ def _add_test_apps(config: dict) -> None:
     if os.environ.get(MOBILENET_ENV):
         config["applications"].append(_small_app(
             base, "mobilenet", {"name": "mobilenet_v2", "weights_path": f"${MOBILENET_ENV}"}))
+    config["applications"].append(_multi_model_app())
 
 
 @pytest.fixture(scope="package")
 def service():
-    svc = ServeProcess(CONFIGS / "local.yaml", edit=_add_test_apps)
+    svc = ServeProcess(CONFIGS / "local.yaml", edit=_add_test_apps, num_cpus=3)
     with svc:
         for app in svc.config["applications"][1:]:
             svc.wait_ready(f"{app['route_prefix']}/readyz", timeout_s=180)

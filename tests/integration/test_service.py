@@ -209,7 +209,7 @@ def test_metadata_health_and_docs(client):
         assert path in spec["paths"], path
     assert "image/*" in spec["paths"]["/v1/classify"]["post"]["requestBody"]["content"]
     assert client.get("/docs").status_code == 200
-    missing = client.get("/v2/whatever")
+    missing = client.get("/v3/whatever")
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
 
 

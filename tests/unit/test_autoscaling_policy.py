@@ -294,3 +294,34 @@ def test_demo_configs_differ_only_in_the_policy():
 def test_demo_policy_kwargs_build_the_policy():
     policy = _app("autoscale-demo.yaml")["autoscaling_policy"]
     assert isinstance(AppPolicy(**policy["policy_kwargs"]), AppPolicy)
+
+
+# ---- several models (serve_app/topology.py) ----
+
+def test_each_model_scales_on_its_own_load_and_preprocessors_follow_their_classifiers():
+    """Lite2 is loaded (24 images in flight + 16 queued for it), Lite0 idle. A Preprocessor
+    shared by both models and one feeding Lite2 alone follow what they feed."""
+    busy = {**reported(latency_s=1.0), autoscaling.IMAGES_IN_FLIGHT: {"r0": 24.0}}
+    idle = {**reported(latency_s=1.0), autoscaling.IMAGES_IN_FLIGHT: {"r0": 0.0}}
+    lite0, lite2 = "Classifier_efficientnet_lite0", "Classifier_efficientnet_lite2"
+    contexts = {
+        DeploymentID(lite0, APP): context(lite0, total=0, current=1, metrics=idle),
+        DeploymentID(lite2, APP): context(lite2, total=3, current=1, metrics=busy,
+                                          max_replicas=8),
+        DeploymentID("Preprocessor_efficientnet_lite2", APP): context(
+            "Preprocessor_efficientnet_lite2", total=0, current=1, max_replicas=8),
+        DeploymentID("Preprocessor_efficientnet_lite0", APP): context(
+            "Preprocessor_efficientnet_lite0", total=0, current=1, max_replicas=8,
+            metrics={f"feeds/{lite0}": {"p0": 1.0}, f"feeds/{lite2}": {"p0": 1.0}}),
+        DeploymentID("Ingress", APP): context(
+            "Ingress", total=8, current=1, target_ongoing_requests=32,
+            metrics={autoscaling.images_queued_key(lite2): {"i0": 16.0},
+                     autoscaling.images_queued_key(lite0): {"i0": 0.0},
+                     autoscaling.IMAGES_QUEUED: {"i0": 16.0}}),
+    }
+    decisions, _ = AppPolicy(preprocessors_per_classifier=0.5)(contexts)
+    by_name = {d.name: n for d, n in decisions.items()}
+    assert by_name[lite2] == 5  # (24 + 16) / 8
+    assert by_name[lite0] == 1
+    assert by_name["Preprocessor_efficientnet_lite2"] == 3  # by name: ceil(0.5 * 5)
+    assert by_name["Preprocessor_efficientnet_lite0"] == 3  # reported: ceil(0.5 * (1 + 5))

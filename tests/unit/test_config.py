@@ -15,7 +15,7 @@ CONFIGS = sorted(Path(__file__).resolve().parents[2].joinpath("configs").glob("*
 
 def test_defaults_serve_the_offline_model():
     cfg = parse_app_config({})
-    assert cfg.model.name == "efficientnet_lite0" and cfg.model.weights == "DEFAULT"
+    assert cfg.primary.name == "efficientnet_lite0" and cfg.primary.weights == "DEFAULT"
     assert cfg.top_k_default == 5 and cfg.max_body_bytes == 10 * 1024 * 1024
 
 
@@ -45,7 +45,7 @@ def test_weights_path_expands_environment_variables(tmp_path, monkeypatch):
     weights.write_bytes(b"")
     monkeypatch.setenv("MY_WEIGHTS_DIR", str(tmp_path))
     cfg = parse_app_config({"model": {"name": "resnet18", "weights_path": "$MY_WEIGHTS_DIR/w.pth"}})
-    assert cfg.model.weights_path == str(weights)
+    assert cfg.primary.weights_path == str(weights)
     monkeypatch.delenv("MY_WEIGHTS_DIR")
     with pytest.raises(ConfigError, match="args.model.weights_path: .*unset environment variable"):
         parse_app_config({"model": {"weights_path": "$MY_WEIGHTS_DIR/w.pth"}})

@@ -80,7 +80,7 @@ def test_gpu_serve_config_is_exactly_gpu_yaml_and_valid_for_ray_and_serve_app():
     assert serve == configfile.load(ROOT / "configs/gpu.yaml")
     ServeDeploySchema.model_validate(serve)
     [(name, settings, batching)] = configfile.check(serve, "serveConfigV2")
-    assert settings.model.name == "resnet50" and batching.max_batch_size == 32
+    assert settings.primary.name == "resnet50" and batching.max_batch_size == 32
     classifier = configfile.deployment_options(serve["applications"][0], "Classifier")
     assert classifier["ray_actor_options"]["num_gpus"] == 0.25
 

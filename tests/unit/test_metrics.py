@@ -60,23 +60,24 @@ def recorder():
 
 
 def probe_app() -> FastAPI:
-    """An app with the ingress's error handlers and middleware (the ingress's own routes need
-    a replica instance), and routes that fail each way."""
-    from serve_app import ingress
+    """An app with the ingress's error handlers and middleware (its routers need a Gateway:
+    tests/unit/test_api.py), and routes that fail each way."""
+    from ray.serve.exceptions import BackPressureError
+
+    from serve_app.api.common import install_error_handlers
+    from serve_app.errors import InvalidImage
 
     probe = FastAPI()
-    for exc_class, handler in ingress.app.exception_handlers.items():
-        probe.add_exception_handler(exc_class, handler)
+    install_error_handlers(probe)
     probe.add_middleware(request_metrics.RequestMetrics)
 
-    # The classes the ingress module holds now (another test may have re-imported modules).
     @probe.post("/v1/classify")
     async def classify(top_k: int = Query(5, le=20)):
-        raise ingress.InvalidImage("not an image")
+        raise InvalidImage("not an image")
 
     @probe.get("/raise/{kind}")
     async def boom(kind: str):
-        raise {"busy": ingress.BackPressureError(num_queued_requests=1, max_queued_requests=1),
+        raise {"busy": BackPressureError(num_queued_requests=1, max_queued_requests=1),
                "slow": TimeoutError(), "bug": RuntimeError("bug")}[kind]
 
     return probe

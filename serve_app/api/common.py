@@ -1,0 +1,121 @@
+"""What the protocol routers share: JSON responses, the error mapping, body reading, and the
+:class:`~serve_app.gateway.Gateway` they call.
+
+Every failure gets the JSON error of the protocol it came in on, counted by its code:
+``{"error": {"code", "message"}, "request_id"}`` under /v1 and elsewhere, the Open Inference
+Protocol's ``{"error": "..."}`` under /v2.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from ray.serve.exceptions import BackPressureError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from serve_app import request_metrics
+from serve_app.errors import ClientError, NotReady, PayloadTooLarge
+from serve_app.gateway import Gateway
+from serve_app.metrics import route_label
+
+logger = logging.getLogger("ray.serve")
+
+
+def json_response(payload: Any, status: int = 200, headers: Optional[dict] = None) -> Response:
+    return Response(orjson.dumps(payload), status_code=status, media_type="application/json",
+                    headers=headers)
+
+
+def request_id_of(request: Request) -> str:
+    """The request's id (serve_app.request_metrics.request_id), repeated in JSON bodies."""
+    return request_metrics.request_id(request.scope)
+
+
+def is_v2(scope: dict) -> bool:
+    """Whether a request came in on the Open Inference Protocol (under /v2)."""
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root):]
+    return path == "/v2" or path.startswith("/v2/")
+
+
+def error_response(request: Request, code: str, message: str, status: int,
+                   headers: Optional[dict] = None) -> Response:
+    """The JSON error every failure gets, in its protocol's shape, counted by its code."""
+    recorder = request_metrics.recorder()
+    if recorder is not None:
+        recorder.rejected(route_label(request.scope), code)
+    if is_v2(request.scope):
+        return json_response({"error": message}, status, headers)
+    payload = {"error": {"code": code, "message": message}, "request_id": request_id_of(request)}
+    return json_response(payload, status, headers)
+
+
+def gateway(request: Request) -> Gateway:
+    """The routers' dependency: the Gateway the ingress replica built."""
+    return request.app.state.gateway
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refusing anything over ``limit`` bytes without buffering it all.
+
+    A declared Content-Length over the limit is refused before a byte is read; a chunked body
+    is counted as it arrives and dropped as soon as it passes the limit.
+    """
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"The body is {declared} bytes; the limit is {limit}.")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"The body is over the limit of {limit} bytes.")
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    request._body = body  # lets request.form() parse what was already read
+    return body
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Map every exception to its protocol's JSON error. Overload and timeouts are handled
+    here (by class), so the request metrics see their 503/504."""
+
+    @app.exception_handler(ClientError)
+    async def _client_error(request: Request, exc: ClientError):
+        return error_response(request, exc.code, exc.message, exc.status)
+
+    @app.exception_handler(NotReady)
+    async def _not_ready(request: Request, exc: NotReady):
+        return error_response(request, exc.code, exc.message, exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError):
+        details = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+                            for e in exc.errors())
+        return error_response(request, "invalid_parameter", details, 422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return error_response(request, code, str(exc.detail), exc.status_code)
+
+    @app.exception_handler(BackPressureError)
+    async def _overloaded(request: Request, exc: BackPressureError):
+        return error_response(request, "overloaded", "The service is at capacity; retry later.",
+                              getattr(exc, "status_code", None) or 503)
+
+    @app.exception_handler(TimeoutError)
+    async def _timed_out(request: Request, exc: TimeoutError):
+        return error_response(request, "timeout", "Classification did not finish in time.", 504)
+
+    @app.exception_handler(Exception)
+    async def _server_error(request: Request, exc: Exception):
+        """Faults on our side keep the JSON error shape."""
+        logger.exception("unhandled error", exc_info=exc)
+        return error_response(request, "internal_error", "Internal error; see the server logs.",
+                              500)

@@ -1,0 +1,150 @@
+"""The ingress's way into the model graph, the same for every protocol.
+
+Per served model: a grouping queue (serve_app/batching.py) whose groups make one preprocessor
+call and one classifier call, the preprocessor's ``DeploymentResponse`` passed straight into
+the classifier so crops go replica to replica without passing through the ingress. The /v1 and
+/v2 routers (serve_app/api/) both call :class:`Gateway`: one code path to the models.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+
+from serve_app.autoscaling import IMAGES_QUEUED, images_queued_key
+from serve_app.batching import CallBatcher
+from serve_app.config import AppConfig
+from serve_app.errors import NotReady, UnknownModel, find_client_error
+from serve_app.crops import Crops
+from serve_app.metrics import IngressMetrics
+
+logger = logging.getLogger("ray.serve")
+
+
+@dataclass
+class ModelHandles:
+    """What the ingress holds for one model: its description (``ModelInfo.as_dict()``) and
+    the handles of the two deployments its images go through."""
+
+    info: dict
+    preprocessor: Any  # DeploymentHandle
+    classifier: Any  # DeploymentHandle
+    classifier_deployment: str  # its name, for the autoscaling report
+
+
+class _Model:
+    def __init__(self, handles: ModelHandles, settings: AppConfig, metrics: IngressMetrics):
+        self.handles = handles
+        self.settings = settings
+        self.metrics = metrics
+        self.batcher = CallBatcher(self._classify_group, settings.dispatch.max_batch_size,
+                                   settings.dispatch.max_in_flight, self._dispatched)
+
+    def _dispatched(self, waits_s: list[float]) -> None:
+        self.metrics.group(len(waits_s), [w * 1000 for w in waits_s])
+
+    async def _classify_group(self, items: list[tuple[bytes, int, str]]) -> list:
+        """One preprocessor and one classifier call for a group. The request ids travel with
+        the images: Ray's request context names one request per call, a group has several."""
+        started = time.perf_counter()
+        request_ids = [rid for _, _, rid in items]
+        crops = self.handles.preprocessor.remote([data for data, _, _ in items],
+                                                 request_ids)  # not awaited
+        try:
+            return await self.handles.classifier.classify.remote(
+                crops, [k for _, k, _ in items], request_ids)
+        finally:
+            call_ms = (time.perf_counter() - started) * 1000
+            self.metrics.group_done(call_ms)
+            if self.settings.log_requests:
+                logger.info("request_ids=%s group of %d images for %s: preprocess + classify "
+                            "calls %.1f ms", ",".join(request_ids), len(items),
+                            self.handles.info["name"], call_ms,
+                            extra={"request_ids": request_ids, "serve_app_stage": "dispatch"})
+
+
+class Gateway:
+    """Classify encoded images or ready pixels with a named model; readiness per model."""
+
+    def __init__(self, models: dict[str, ModelHandles], settings: AppConfig,
+                 metrics: IngressMetrics):
+        self.settings = settings
+        self.metrics = metrics
+        self._models = {name: _Model(h, settings, metrics) for name, h in models.items()}
+        self.default = settings.primary.id
+        metrics.watch_queue(lambda: self.queued,
+                            lambda: sum(m.batcher.in_flight_items for m in self._models.values()))
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._models)
+
+    @property
+    def queued(self) -> int:
+        return sum(m.batcher.queued for m in self._models.values())
+
+    def _model(self, name: Optional[str]) -> _Model:
+        model = self._models.get(self.default if name is None else name)
+        if model is None:
+            raise UnknownModel(f"No model named {name!r}; this service has {self.names}.")
+        return model
+
+    def info(self, name: Optional[str] = None) -> dict:
+        """``ModelInfo.as_dict()`` of a served model, with whether it is the default."""
+        info = self._model(name).handles.info
+        return {**info, "default": info["name"] == self.default}
+
+    async def _bounded(self, awaitable):
+        """The call within ``request_timeout_s``; a client's error unwrapped from Ray's."""
+        try:
+            return await asyncio.wait_for(awaitable, self.settings.request_timeout_s)
+        except Exception as exc:
+            client_error = find_client_error(exc)
+            if client_error is not None:
+                raise client_error from None
+            raise
+
+    async def classify(self, name: Optional[str], data: bytes, top_k: int,
+                       request_id: str) -> list[dict]:
+        """One encoded image's top-k, through the model's grouping queue."""
+        model = self._model(name)
+        return await self._bounded(model.batcher.submit((data, top_k, request_id)))
+
+    async def classify_pixels(self, name: Optional[str], pixels: np.ndarray, top_k: int,
+                              request_id: str) -> list[list[dict]]:
+        """Already preprocessed images ((N, 3, S, S) uint8, or float32 in [0, 1]) straight to
+        the classifier, whose ``@serve.batch`` queue they share with every other image."""
+        model = self._model(name)
+        n = len(pixels)
+        crops = Crops(pixels, [None] * n)
+        return await self._bounded(
+            model.handles.classifier.classify.remote(crops, [top_k] * n, [request_id] * n))
+
+    async def ready(self, name: Optional[str] = None, every: bool = False) -> None:
+        """Raise NotReady unless the model (or ``every`` model) has loaded and warmed up."""
+        models = list(self._models.values()) if every else [self._model(name)]
+
+        async def one(model: _Model) -> None:
+            try:
+                await asyncio.wait_for(model.handles.classifier.ready.remote(),
+                                       self.settings.readiness_timeout_s)
+            except Exception as exc:
+                why = ("did not answer in time" if isinstance(exc, TimeoutError)
+                       else f"is unavailable ({type(exc).__name__})")
+                raise NotReady(f"the classifier of {model.handles.info['name']} {why}") from None
+
+        await asyncio.gather(*(one(m) for m in models))
+
+    def autoscaling_stats(self) -> dict[str, float]:
+        """Images waiting here for a free call slot, in all and per classifier deployment:
+        load the classifiers' own request counts cannot see (serve_app.autoscaling)."""
+        stats = {IMAGES_QUEUED: float(self.queued)}
+        for model in self._models.values():
+            stats[images_queued_key(model.handles.classifier_deployment)] = float(
+                model.batcher.queued)
+        return stats

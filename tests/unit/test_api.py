@@ -1,0 +1,176 @@
+"""The ingress's routers (serve_app/api/) over a real Gateway whose deployment handles are
+fakes: routing by model, the two protocols' error shapes, row errors, readiness. No Ray."""
+
+import base64
+
+import numpy as np
+import pytest
+import tritonclient.http as triton
+from fastapi.testclient import TestClient
+
+from serve_app import api, topology
+from serve_app.config import parse_app_config
+from serve_app.crops import Crops
+from serve_app.errors import InvalidImage
+from serve_app.gateway import Gateway, ModelHandles
+
+LITE0, LITE2 = "efficientnet_lite0", "efficientnet_lite2"
+
+
+class _Remote:
+    def __init__(self, fn):
+        self.fn = fn
+
+    def remote(self, *args):
+        async def call():
+            return self.fn(*args)
+        return call()
+
+
+def _predictions(first: int, k: int) -> list[dict]:
+    return [{"label": f"c{(first + j) % 1000}", "class_id": (first + j) % 1000,
+             "score": 1 / (j + 2)} for j in range(k)]
+
+
+class FakeClassifier:
+    """Top class = the image's byte length (or pixel sum); b"bad..." fails as a real bad
+    image does; ``calls`` records what came in."""
+
+    def __init__(self, ready: bool = True):
+        self.calls = []
+        self.classify = _Remote(self._classify)
+        self.ready = _Remote(self._ready)
+        self.is_ready = ready
+
+    def _classify(self, crops, top_ks, request_ids):
+        self.calls.append((crops, top_ks, request_ids))
+        if isinstance(crops, Crops):
+            return [_predictions(int(p.sum()) % 1000, k) for p, k in zip(crops.pixels, top_ks)]
+        return [InvalidImage("bad image") if d.startswith(b"bad") else _predictions(len(d), k)
+                for d, k in zip(crops, top_ks)]
+
+    def _ready(self):
+        if not self.is_ready:
+            raise RuntimeError("replica down")
+        return True
+
+
+class FakePreprocessor:
+    def remote(self, images, request_ids):  # hands the bytes on, as the DeploymentResponse would
+        return images
+
+
+class FakeMetrics:
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
+@pytest.fixture
+def classifiers():
+    return {LITE0: FakeClassifier(), LITE2: FakeClassifier()}
+
+
+@pytest.fixture
+def client(classifiers):
+    settings = parse_app_config({"models": [{"name": LITE0}, {"name": LITE2}],
+                                 "max_body_bytes": 200_000, "max_batch_files": 3})
+    routes = topology.plan(settings)
+    gw = Gateway({r.name: ModelHandles(r.info.as_dict(), FakePreprocessor(), classifiers[r.name],
+                                       r.classifier) for r in routes}, settings, FakeMetrics())
+    with TestClient(api.build_app(gw), raise_server_exceptions=False) as c:
+        yield c
+
+
+def _post(client, path, body, **params):
+    return client.post(path, content=body, headers={"Content-Type": "image/jpeg"}, params=params)
+
+
+def test_v1_routes_by_model_and_defaults_to_the_first(client, classifiers):
+    default = _post(client, "/v1/classify", b"12345")
+    assert default.json()["model"] == LITE0 and default.json()["predictions"][0]["class_id"] == 5
+    named = _post(client, f"/v1/models/{LITE2}/classify", b"123", top_k=2)
+    assert named.json()["model"] == LITE2 and len(named.json()["predictions"]) == 2
+    assert len(classifiers[LITE0].calls) == 1 and len(classifiers[LITE2].calls) == 1
+    listed = client.get("/v1/models").json()["models"]
+    assert [(m["name"], m["default"]) for m in listed] == [(LITE0, True), (LITE2, False)]
+    assert client.get(f"/v1/models/{LITE2}").json()["input_size"] == [3, 260, 260]
+    batch = client.post(f"/v1/models/{LITE2}/classify/batch",
+                        files=[("files", ("a.jpg", b"1234", "image/jpeg")),
+                               ("files", ("b.jpg", b"bad", "image/jpeg"))]).json()
+    assert batch["model"] == LITE2 and batch["results"][1]["error"]["code"] == "invalid_image"
+
+
+def test_unknown_model_is_404_in_each_protocols_shape(client, classifiers):
+    v1 = _post(client, "/v1/models/nope/classify", b"123")
+    assert v1.status_code == 404
+    assert v1.json()["error"]["code"] == "model_not_found"
+    assert LITE0 in v1.json()["error"]["message"] and LITE2 in v1.json()["error"]["message"]
+    v2 = client.post("/v2/models/nope/infer", json={"inputs": []})
+    assert v2.status_code == 404 and set(v2.json()) == {"error"} and LITE2 in v2.json()["error"]
+    assert not classifiers[LITE0].calls and not classifiers[LITE2].calls
+    assert client.get("/v2/no/such/route").json() == {"error": "Not Found"}
+    assert client.get("/v9/no/such/route").json()["error"]["code"] == "not_found"
+
+
+def test_v2_images_go_through_the_same_grouping_queue(client, classifiers):
+    images = triton.InferInput("images", [2], "BYTES")
+    images.set_data_from_numpy(np.array([b"abcd", b"abcdef"], dtype=np.object_))
+    body, size = triton.InferenceServerClient.generate_request_body(
+        [images], outputs=[triton.InferRequestedOutput("class_ids", class_count=3)])
+    response = client.post(f"/v2/models/{LITE2}/infer", content=body,
+                           headers={"Inference-Header-Content-Length": str(size)})
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/octet-stream"
+    result = triton.InferenceServerClient.parse_response_body(
+        response.content, header_length=int(response.headers["Inference-Header-Content-Length"]))
+    assert [row[0].split(b":")[1] for row in result.as_numpy("class_ids")] == [b"4", b"6"]
+    calls = classifiers[LITE2].calls  # bytes: the preprocessor's path, in one or two groups
+    assert not any(isinstance(crops, Crops) for crops, _, _ in calls)
+    assert sorted(d for crops, _, _ in calls for d in crops) == [b"abcd", b"abcdef"]
+    assert {k for _, top_ks, _ in calls for k in top_ks} == {5}  # max(top_k 5, class_count 3)
+
+
+def test_v2_pixels_go_straight_to_the_classifier(client, classifiers):
+    pixels = np.ones((1, 3, 224, 224), np.uint8)
+    request = {"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [1, 3, 224, 224],
+                           "parameters": {"binary_data_size": pixels.size}}],
+               "outputs": [{"name": "class_ids"}], "parameters": {"top_k": 2}}
+    import orjson
+
+    header = orjson.dumps(request)
+    response = client.post(f"/v2/models/{LITE0}/infer", content=header + pixels.tobytes(),
+                           headers={"Inference-Header-Content-Length": str(len(header))})
+    assert response.status_code == 200, response.text
+    assert response.json()["outputs"][0]["data"] == [(3 * 224 * 224) % 1000,
+                                                     (3 * 224 * 224 + 1) % 1000]
+    crops, top_ks, _ = classifiers[LITE0].calls[0]
+    assert isinstance(crops, Crops) and crops.pixels.shape == (1, 3, 224, 224) and top_ks == [2]
+
+
+def test_v2_errors(client):
+    row = client.post(f"/v2/models/{LITE0}/infer", json={"inputs": [{
+        "name": "images", "datatype": "BYTES", "shape": [2],
+        "data": [base64.b64encode(b"good").decode(), base64.b64encode(b"bad").decode()]}]})
+    assert row.status_code == 400 and row.json() == {"error": "row 1: bad image"}
+    big = client.post(f"/v2/models/{LITE0}/infer", content=b" " * 200_001)
+    assert big.status_code == 413 and set(big.json()) == {"error"}
+    rows = client.post(f"/v2/models/{LITE0}/infer", json={"inputs": [{
+        "name": "images", "datatype": "BYTES", "shape": [4], "data": ["YQ=="] * 4}]})
+    assert rows.status_code == 413 and "at most 3" in rows.json()["error"]
+    gzip = client.post(f"/v2/models/{LITE0}/infer", content=b"x",
+                       headers={"Content-Encoding": "gzip"})
+    assert gzip.status_code == 415 and "Content-Encoding gzip" in gzip.json()["error"]
+    assert client.get(f"/v2/models/{LITE0}/versions/3/ready").status_code == 404
+
+
+def test_readiness_per_model_and_overall(client, classifiers):
+    assert client.get("/readyz").json()["models"] == [LITE0, LITE2]
+    assert client.get("/v2/health/ready").json() == {"ready": True}
+    classifiers[LITE2].is_ready = False
+    assert client.get(f"/v2/models/{LITE0}/ready").status_code == 200
+    down = client.get(f"/v2/models/{LITE2}/ready")
+    assert down.status_code == 503 and LITE2 in down.json()["error"]
+    assert client.get("/v2/health/ready").status_code == 503
+    readyz = client.get("/readyz")
+    assert readyz.status_code == 503 and readyz.json()["error"]["code"] == "not_ready"
+    assert client.get("/v2/health/live").json() == {"live": True}
