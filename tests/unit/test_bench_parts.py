@@ -174,3 +174,18 @@ def test_missing_keys_names_what_the_json_lacks():
     del broken["raw"]["bs1_ms"]
     del broken["served"][0]["mean_batch"]
     assert bench.missing_keys(broken) == ["raw.bs1_ms", "served[0].mean_batch"]
+
+
+def test_multi_model_table_and_load_cost():
+    from load_tests import multi_model
+
+    result = {"rows": [{"scenario": "both at once", "model": "efficientnet_lite2",
+                        "concurrency": 8, "rps": 8.4, "p50_ms": 922.3, "p95_ms": 1177.8,
+                        "errors": 0, "requests": 250}],
+              "deployments": ["Ingress", "Classifier_efficientnet_lite2"],
+              "replica_uss_mib": {"idle": {"Ingress": [150.0]},
+                                  "after_load": {"Classifier_efficientnet_lite2": [300.0, 310.0]}},
+              "load_cost_s": {"efficientnet_lite2": 0.2}}
+    table = multi_model.format_table(result)
+    assert "both at once" in table and "922.3" in table and "300+310" in table
+    assert multi_model.load_cost_s({"name": "efficientnet_lite2"}) > 0
