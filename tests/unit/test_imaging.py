@@ -199,3 +199,17 @@ def test_preprocess_many_isolates_an_unexpected_failure(cat, monkeypatch):
     assert isinstance(crops.errors[0], RuntimeError) and "KeyError" in str(crops.errors[0])
     empty = imaging.preprocess_many([b"boom"], spec, MAX_PIXELS)
     assert empty.pixels.shape == (0, 3, 56, 56)
+
+
+def test_float_pixels_in_unit_range_normalize_like_uint8():
+    """/v2 FP32 ``pixels`` ([0, 1]) give what the same uint8 crop gives, also when a batch
+    mixes the two."""
+    from serve_app.imaging import normalize, stack_pixels
+
+    crop = torch.randint(0, 256, (3, 4, 4), dtype=torch.uint8)
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    as_uint8 = normalize(stack_pixels([crop]), mean, std)
+    mixed = stack_pixels([crop, crop.float() / 255])
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(normalize(mixed, mean, std), torch.cat([as_uint8, as_uint8]))
+    assert stack_pixels([crop, crop]).dtype == torch.uint8  # the common case stays uint8
