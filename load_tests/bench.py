@@ -29,6 +29,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,12 +38,12 @@ from typing import Any, Iterable, Optional, Sequence
 import yaml
 
 from load_tests.client import run_load
+from load_tests.processes import REPLICA
 from load_tests.sampling import Sampler, ServeStatusClient, dashboard_url_from_log
 from serve_app import topology
 
 APP_NAME = "serve_app"
 GROUPS = ("ingress", "proxy", "preprocessor", "classifier", "raylet", "other_ray")
-_REPLICA = re.compile(r"ray::ServeReplica:([^:\s]+):([\w.-]+)")
 
 
 # ---------------------------------------------------------------- pure parts (unit-tested)
@@ -91,7 +92,7 @@ def apply_override(config: dict, assignment: str) -> None:
 
 def group_of(cmdline: str, app: str = APP_NAME) -> Optional[str]:
     """The process group a Ray process belongs to, from its proctitle / command line."""
-    match = _REPLICA.search(cmdline)
+    match = REPLICA.search(cmdline)
     if match:
         if match.group(1) != app:
             return "other_ray"
@@ -408,9 +409,10 @@ class ClassifierStats:
     :meth:`request` and answered in order by :meth:`collect`."""
 
     def __init__(self, address: str, env: dict[str, str], app: str = APP_NAME):
+        self._stderr = tempfile.TemporaryFile()  # shown when the driver fails to start
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "load_tests.bench", "--stats-driver", address, "--app", app],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True,
             env={**os.environ, **env})
         self.lines = _LineReader(self.proc.stdout.fileno())
         try:
@@ -419,7 +421,9 @@ class ClassifierStats:
             ready = ""
         if not ready.startswith("ready"):
             self.close()
-            raise RuntimeError(f"stats driver did not start: {ready!r}")
+            self._stderr.seek(0)
+            tail = self._stderr.read()[-3000:].decode(errors="replace")
+            raise RuntimeError(f"stats driver did not start: {ready!r}\n{tail}")
 
     def request(self) -> None:
         self.proc.stdin.write("snap\n")

@@ -214,3 +214,94 @@ def run_load(url: str, bodies: Sequence[bytes], concurrency: int, duration_s: fl
              **kwargs) -> LoadResult:
     """Synchronous wrapper around :func:`closed_loop`."""
     return asyncio.run(closed_loop(url, bodies, concurrency, duration_s, **kwargs))
+
+
+@dataclass
+class OpenLoopResult:
+    """What an open-loop run saw: every response by status with its latency, transport
+    failures (resets, timeouts), and arrivals dropped because every connection was busy."""
+
+    rate: float
+    duration_s: float
+    sent: int = 0
+    latencies_by_status: dict[int, list[float]] = field(default_factory=dict)
+    transport_errors: int = 0
+    dropped: int = 0
+    first_error: str = ""
+
+    def count(self, status: int) -> int:
+        return len(self.latencies_by_status.get(status, []))
+
+    def percentile_ms(self, status: int, q: float) -> float:
+        return percentile(sorted(self.latencies_by_status.get(status, [])), q)
+
+    def summary(self) -> dict:
+        out = {"rate": self.rate, "duration_s": self.duration_s, "sent": self.sent,
+               "transport_errors": self.transport_errors, "dropped": self.dropped}
+        for status in sorted(self.latencies_by_status):
+            out[str(status)] = {"count": self.count(status),
+                                "p50_ms": round(self.percentile_ms(status, 50), 1),
+                                "p95_ms": round(self.percentile_ms(status, 95), 1),
+                                "p99_ms": round(self.percentile_ms(status, 99), 1)}
+        return out
+
+
+async def open_loop(url: str, bodies: Sequence[bytes], rate: float, duration_s: float, *,
+                    max_connections: int = 256, timeout_s: float = 30.0,
+                    content_type: str = "image/jpeg") -> OpenLoopResult:
+    """Requests arrive at ``rate`` per second for ``duration_s``, whatever the answers: past
+    capacity the offered load does not fall as a closed loop's does, which is what overload
+    is. An arrival that finds all ``max_connections`` busy is dropped and counted."""
+    require_loopback(url)
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    heads = [request_head(host, port, path, content_type, len(b)) for b in bodies]
+    result = OpenLoopResult(rate=rate, duration_s=duration_s)
+    idle: list[_Connection] = []
+    busy = 0
+    tasks: set[asyncio.Task] = set()
+
+    async def one(j: int) -> None:
+        nonlocal busy
+        conn = idle.pop() if idle else _Connection(host, port)
+        busy += 1
+        start = time.perf_counter()
+        try:
+            status, _ = await asyncio.wait_for(conn.request(heads[j], bodies[j]), timeout_s)
+        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError,
+                asyncio.LimitOverrunError, HTTPError, ValueError) as exc:
+            conn.close()
+            result.transport_errors += 1
+            result.first_error = result.first_error or f"{type(exc).__name__}: {exc}"
+        else:
+            result.latencies_by_status.setdefault(status, []).append(
+                (time.perf_counter() - start) * 1000)
+            idle.append(conn)
+        finally:
+            busy -= 1
+
+    began = time.perf_counter()
+    total = int(rate * duration_s)
+    for i in range(total):
+        delay = began + i / rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        if busy >= max_connections:
+            result.dropped += 1
+            continue
+        result.sent += 1
+        task = asyncio.ensure_future(one(i % len(bodies)))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    if tasks:
+        await asyncio.gather(*tasks)
+    for conn in idle:
+        conn.close()
+    return result
+
+
+def run_open_loop(url: str, bodies: Sequence[bytes], rate: float, duration_s: float,
+                  **kwargs) -> OpenLoopResult:
+    """Synchronous wrapper around :func:`open_loop`."""
+    return asyncio.run(open_loop(url, bodies, rate, duration_s, **kwargs))

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import threading
 import time
 from pathlib import Path
@@ -21,26 +20,17 @@ from typing import Optional
 
 from load_tests.client import LoadResult, run_load
 from load_tests.photos import photos_jpeg
+from load_tests.processes import memory_mib, replica_pids
 from serve_app import configfile, topology
 from serve_app.launch import ServeProcess
-
-_REPLICA = re.compile(r"ray::ServeReplica:([^:\s]+):([\w.-]+)")
-
 
 def replica_memory(root_pid: int, app: str) -> dict[str, list[float]]:
     """{deployment: [private MiB (USS) of each replica]} for the cluster under ``root_pid``:
     what one more replica costs; RSS would count torch's shared libraries in every one."""
-    import psutil
-
+    pids = replica_pids(root_pid, app)
     out: dict[str, list[float]] = {}
-    for proc in [psutil.Process(root_pid), *psutil.Process(root_pid).children(recursive=True)]:
-        try:
-            match = _REPLICA.search(" ".join(proc.cmdline()))
-            if match and match.group(1) == app:
-                out.setdefault(match.group(2), []).append(
-                    round(proc.memory_full_info().uss / 2**20, 1))
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
+    for pid, mib in memory_mib(pids, private=True).items():
+        out.setdefault(pids[pid], []).append(mib)
     return out
 
 

@@ -39,7 +39,8 @@ def build_app(args: Optional[dict[str, Any]] = None) -> Application:
         # The description travels with the model: the classifier replica then never imports
         # torchvision when it loads a compiled artifact (~2 s less CPU per start).
         classifier = Classifier.options(name=route.classifier).bind(
-            route.model, settings.warmup_iterations, route.info, settings.log_requests)
+            route.model, settings.warmup_iterations, route.info, settings.log_requests,
+            settings.classifier_nice)
         # A plain dict: the ingress then never imports torch (about 340 MiB less per replica).
         models[route.name] = ModelHandles(route.info.as_dict(), preprocessors[route.preprocessor],
                                           classifier, route.classifier)

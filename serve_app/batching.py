@@ -22,20 +22,27 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
+class QueueFull(Exception):
+    """``submit`` found every slot busy and ``max_queued`` items already waiting."""
+
+
 class CallBatcher(Generic[T, R]):
     """Runs ``call(items)`` for groups of submitted items, at most ``max_in_flight`` at once.
 
     ``call`` returns one result per item, in order; an exception instance in place of a result
     fails that item alone. An exception raised by ``call`` fails every item of its group.
     ``on_dispatch(waits_s)``, if given, hears of each group as it leaves: how long each of its
-    items waited for a slot (the ingress's metrics).
+    items waited for a slot (the ingress's metrics). ``max_queued`` bounds the items waiting:
+    past it, ``submit`` raises :class:`QueueFull` at once (None: no bound).
     """
 
     def __init__(self, call: Callable[[list[T]], Awaitable[Sequence[R | BaseException]]],
                  max_batch_size: int, max_in_flight: int,
-                 on_dispatch: Optional[Callable[[list[float]], None]] = None):
-        if max_batch_size < 1 or max_in_flight < 1:
-            raise ValueError("max_batch_size and max_in_flight must be >= 1")
+                 on_dispatch: Optional[Callable[[list[float]], None]] = None,
+                 max_queued: Optional[int] = None):
+        if max_batch_size < 1 or max_in_flight < 1 or (max_queued is not None and max_queued < 0):
+            raise ValueError("max_batch_size and max_in_flight must be >= 1, max_queued >= 0")
+        self.max_queued = max_queued
         self._call = call
         self._on_dispatch = on_dispatch
         self.max_batch_size = max_batch_size
@@ -58,6 +65,9 @@ class CallBatcher(Generic[T, R]):
         return self._in_flight_items
 
     async def submit(self, item: T) -> R:
+        if (self.max_queued is not None and self._in_flight >= self.max_in_flight
+                and len(self._pending) >= self.max_queued):
+            raise QueueFull(f"{len(self._pending)} items are already waiting")
         future = asyncio.get_running_loop().create_future()
         self._pending.append((item, future, time.perf_counter()))
         self._dispatch()

@@ -16,7 +16,7 @@ from serve_app import artifacts, imaging, models
 from serve_app.config import ClassifierSettings, ModelConfig, parse_classifier_settings
 from serve_app.metrics import ClassifierMetrics
 from serve_app.runtime import (assigned_resources, configure_torch_threads, cpu_threads,
-                               process_started_at, select_device)
+                               lower_priority, process_started_at, select_device)
 
 logger = logging.getLogger("ray.serve")
 
@@ -104,8 +104,10 @@ class Classifier:
     ``user_config`` so ``serve deploy`` retunes them without reloading the model."""
 
     def __init__(self, model: ModelConfig, warmup_iterations: int = 1,
-                 info: models.ModelInfo | None = None, log_requests: bool = False):
+                 info: models.ModelInfo | None = None, log_requests: bool = False,
+                 nice: int = 0):
         init_started = time.perf_counter()
+        self.nice = lower_priority(nice)
         self.metrics = ClassifierMetrics(model.id)
         self.metrics.starting(True)
         self.log_requests = log_requests

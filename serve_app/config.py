@@ -25,7 +25,7 @@ class _Strict(BaseModel):
 
 #: What a served model's name may look like: it is a URL path segment and part of its
 #: deployments' names (serve_app/topology.py).
-SERVED_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+SERVED_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 
 
 class ModelConfig(_Strict):
@@ -93,6 +93,13 @@ class DispatchConfig(_Strict):
         "Calls in flight per ingress replica. A request that finds one free leaves at once; "
         "the others queue and leave together when one frees up. Enough to keep every "
         "preprocessor and classifier replica busy; more only make the groups smaller."))
+    max_queued: int = Field(32, ge=0, le=100_000, description=(
+        "Most images waiting for a call slot, per model and ingress replica. Past it a request "
+        "is refused at once with 503 `overloaded` and Retry-After, instead of queueing until "
+        "it times out: it bounds the wait a served request sees (about max_queued / "
+        "throughput on top of its own call)."))
+    retry_after_s: float = Field(1.0, ge=0, le=3600, description=(
+        "The Retry-After (seconds, rounded up) sent with 503 overloaded / not_ready."))
 
 
 class AppConfig(_Strict):
@@ -116,6 +123,10 @@ class AppConfig(_Strict):
     warmup_iterations: int = Field(1, ge=1, le=1000, description=(
         "Forward passes per warm-up batch size before a classifier replica reports ready; "
         "more let cuDNN autotuning settle before traffic arrives."))
+    classifier_nice: int = Field(0, ge=0, le=19, description=(
+        "Added to each classifier replica's nice value. On a CPU machine the model takes every "
+        "core it can; niced, it yields to the ingress and the proxy, so refusals and "
+        "dispatches are not stuck behind forward passes (docs/reliability.md). 0 on a GPU."))
     log_requests: bool = Field(False, description=(
         "One log line per request in the ingress, per group in the preprocessor and per batch "
         "in the classifier, each naming its request ids (docs/observability.md). Off by "

@@ -63,12 +63,29 @@ class UnknownModel(ClientError):
     status = 404
 
 
-class NotReady(Exception):
-    """The model cannot answer yet (loading, or no replica is up): a 503, never a 4xx."""
+class Unavailable(Exception):
+    """The service cannot take the request now: a 503 the client should retry after
+    ``retry_after_s`` (sent as ``Retry-After``); never a 4xx."""
 
-    code = "not_ready"
+    code = "unavailable"
     status = 503
 
-    def __init__(self, message: str):
+    def __init__(self, message: str, retry_after_s: float | None = 1.0):
         super().__init__(message)
         self.message = message
+        self.retry_after_s = retry_after_s
+
+    def __reduce__(self):
+        return (type(self), (self.message, self.retry_after_s))
+
+
+class NotReady(Unavailable):
+    """The model cannot answer yet (loading, or no replica is up)."""
+
+    code = "not_ready"
+
+
+class Overloaded(Unavailable):
+    """Every queue for the model is full: refused at once instead of queueing until timeouts."""
+
+    code = "overloaded"

@@ -17,9 +17,9 @@ from typing import Any, Optional
 import numpy as np
 
 from serve_app.autoscaling import IMAGES_QUEUED, images_queued_key
-from serve_app.batching import CallBatcher
+from serve_app.batching import CallBatcher, QueueFull
 from serve_app.config import AppConfig
-from serve_app.errors import NotReady, UnknownModel, find_client_error
+from serve_app.errors import NotReady, Overloaded, UnknownModel, find_client_error
 from serve_app.crops import Crops
 from serve_app.metrics import IngressMetrics
 
@@ -43,7 +43,8 @@ class _Model:
         self.settings = settings
         self.metrics = metrics
         self.batcher = CallBatcher(self._classify_group, settings.dispatch.max_batch_size,
-                                   settings.dispatch.max_in_flight, self._dispatched)
+                                   settings.dispatch.max_in_flight, self._dispatched,
+                                   settings.dispatch.max_queued)
 
     def _dispatched(self, waits_s: list[float]) -> None:
         self.metrics.group(len(waits_s), [w * 1000 for w in waits_s])
@@ -113,7 +114,13 @@ class Gateway:
                        request_id: str) -> list[dict]:
         """One encoded image's top-k, through the model's grouping queue."""
         model = self._model(name)
-        return await self._bounded(model.batcher.submit((data, top_k, request_id)))
+        try:
+            pending = model.batcher.submit((data, top_k, request_id))
+            return await self._bounded(pending)
+        except QueueFull:
+            raise Overloaded(f"{model.batcher.queued} images are already waiting for "
+                             f"{model.handles.info['name']}; retry later.",
+                             self.settings.dispatch.retry_after_s) from None
 
     async def classify_pixels(self, name: Optional[str], pixels: np.ndarray, top_k: int,
                               request_id: str) -> list[list[dict]]:
@@ -136,7 +143,8 @@ class Gateway:
             except Exception as exc:
                 why = ("did not answer in time" if isinstance(exc, TimeoutError)
                        else f"is unavailable ({type(exc).__name__})")
-                raise NotReady(f"the classifier of {model.handles.info['name']} {why}") from None
+                raise NotReady(f"the classifier of {model.handles.info['name']} {why}",
+                               self.settings.dispatch.retry_after_s) from None
 
         await asyncio.gather(*(one(m) for m in models))
 

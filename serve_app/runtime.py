@@ -60,3 +60,27 @@ def process_started_at() -> float | None:
     except (OSError, ValueError, StopIteration, IndexError):
         return None
     return boot + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def lower_priority(increment: int) -> int:
+    """Raise this process's nice value by ``increment``, every thread of it (Linux nice is
+    per thread; threads started later inherit their creator's). Returns the new nice value.
+
+    On a CPU box the model replicas take every core they can; niced, they yield to the
+    ingress and the proxy when those have work, so a request that is refused or dispatched is
+    not stuck behind a forward pass (load_tests/RESULTS.md, docs/reliability.md)."""
+    import os
+
+    if increment <= 0:
+        return os.getpriority(os.PRIO_PROCESS, 0)
+    try:
+        tids = [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:  # no /proc: the calling thread only
+        tids = [0]
+    for tid in tids:
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid,
+                           min(19, os.getpriority(os.PRIO_PROCESS, tid) + increment))
+        except OSError:  # a thread that ended meanwhile
+            continue
+    return os.getpriority(os.PRIO_PROCESS, 0)

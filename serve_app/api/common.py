@@ -9,6 +9,7 @@ Protocol's ``{"error": "..."}`` under /v2.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, Optional
 
 import orjson
@@ -19,7 +20,7 @@ from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve_app import request_metrics
-from serve_app.errors import ClientError, NotReady, PayloadTooLarge
+from serve_app.errors import ClientError, PayloadTooLarge, Unavailable
 from serve_app.gateway import Gateway
 from serve_app.metrics import route_label
 
@@ -56,26 +57,46 @@ def error_response(request: Request, code: str, message: str, status: int,
     return json_response(payload, status, headers)
 
 
+def retry_after(seconds: Optional[float]) -> Optional[dict]:
+    """A ``Retry-After`` header (whole seconds, rounded up), or none."""
+    return None if seconds is None else {"Retry-After": str(max(0, math.ceil(seconds)))}
+
+
 def gateway(request: Request) -> Gateway:
     """The routers' dependency: the Gateway the ingress replica built."""
     return request.app.state.gateway
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refusing anything over ``limit`` bytes without buffering it all.
+#: How much of a refused body is read and dropped before the 413 goes out. A server that
+#: answers while the client is still sending and then closes makes the client's kernel see
+#: a reset instead of the answer (Ray's proxy forwards the close); HAProxy hid it.
+DRAIN_LIMIT = 64 * 1024 * 1024
 
-    A declared Content-Length over the limit is refused before a byte is read; a chunked body
-    is counted as it arrives and dropped as soon as it passes the limit.
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refusing anything over ``limit`` bytes without keeping it.
+
+    A declared Content-Length over the limit, or a chunked body that passes it, is refused
+    with 413; what is left of the body is read and dropped first (up to :data:`DRAIN_LIMIT`),
+    so the client reads the JSON 413 instead of a connection reset.
     """
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    refused = declared is not None and declared.isdigit() and int(declared) > limit
+    if refused and int(declared) > DRAIN_LIMIT:
         raise PayloadTooLarge(f"The body is {declared} bytes; the limit is {limit}.")
     chunks, size = [], 0
-    async for chunk in request.stream():
+    async for chunk in request.stream():  # Starlette's stream can be read only once
         size += len(chunk)
         if size > limit:
-            raise PayloadTooLarge(f"The body is over the limit of {limit} bytes.")
-        chunks.append(chunk)
+            refused = True
+            if size > DRAIN_LIMIT:
+                break
+        elif not refused:
+            chunks.append(chunk)
+    if refused:
+        if declared is not None and declared.isdigit():
+            raise PayloadTooLarge(f"The body is {declared} bytes; the limit is {limit}.")
+        raise PayloadTooLarge(f"The body is over the limit of {limit} bytes.")
     body = b"".join(chunks)
     request._body = body  # lets request.form() parse what was already read
     return body
@@ -89,9 +110,10 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _client_error(request: Request, exc: ClientError):
         return error_response(request, exc.code, exc.message, exc.status)
 
-    @app.exception_handler(NotReady)
-    async def _not_ready(request: Request, exc: NotReady):
-        return error_response(request, exc.code, exc.message, exc.status)
+    @app.exception_handler(Unavailable)
+    async def _unavailable(request: Request, exc: Unavailable):
+        return error_response(request, exc.code, exc.message, exc.status,
+                              retry_after(exc.retry_after_s))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
@@ -107,7 +129,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(BackPressureError)
     async def _overloaded(request: Request, exc: BackPressureError):
         return error_response(request, "overloaded", "The service is at capacity; retry later.",
-                              getattr(exc, "status_code", None) or 503)
+                              getattr(exc, "status_code", None) or 503,
+                              retry_after(getattr(exc, "retry_after_s", None) or 1.0))
 
     @app.exception_handler(TimeoutError)
     async def _timed_out(request: Request, exc: TimeoutError):

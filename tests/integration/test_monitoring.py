@@ -241,23 +241,48 @@ def _tiny(config: dict) -> None:
         entry["num_replicas"] = 1
 
 
-def test_request_id_round_trips_through_rays_proxy(photos):
+@pytest.fixture(scope="module")
+def rays_proxy():
+    """A small cluster behind Ray's Python proxy (RAY_SERVE_ENABLE_HA_PROXY=0), what a plain
+    ``serve run configs/local.yaml`` gives."""
+    with ServeProcess(CONFIGS / "local.yaml", edit=_tiny,
+                      env={"RAY_SERVE_ENABLE_HA_PROXY": "0"}) as svc:
+        yield svc
+
+
+def test_an_oversized_body_gets_the_json_413_through_rays_proxy(rays_proxy):
+    """Answered from Content-Length while the client was still sending, a 20 MB body used to
+    get a connection reset through Ray's proxy; the ingress now reads and drops it first."""
+    with httpx.Client(base_url=rays_proxy.url, timeout=60) as c:
+        declared = c.post("/v1/classify", content=b"x" * (20 << 20),
+                          headers={"content-type": "image/jpeg"})
+        assert declared.status_code == 413
+        assert declared.json()["error"]["code"] == "payload_too_large"
+
+        def chunks():
+            for _ in range(12):
+                yield b"x" * (1 << 20)
+
+        chunked = c.post("/v2/models/resnet18/infer", content=chunks())
+        assert chunked.status_code == 413 and "limit" in chunked.json()["error"]
+
+
+def test_request_id_round_trips_through_rays_proxy(rays_proxy, photos):
     """The same X-Request-ID contract with Ray's Python proxy (RAY_SERVE_ENABLE_HA_PROXY=0) as
     with HAProxy (tests/integration/test_service.py): echoed in the header and the body, on
     success and on an error, and in the replicas' log lines."""
-    with ServeProcess(CONFIGS / "local.yaml", edit=_tiny,
-                      env={"RAY_SERVE_ENABLE_HA_PROXY": "0"}) as svc:
-        with httpx.Client(base_url=svc.url, timeout=60) as c:
-            rid = f"rayproxy-{uuid.uuid4().hex}"
-            ok = c.post("/v1/classify", content=encode(photos["coffee"]),
-                        headers={"content-type": "image/jpeg", "x-request-id": rid})
-            assert ok.status_code == 200
-            assert ok.headers["x-request-id"] == rid and ok.json()["request_id"] == rid
-            bad = c.post("/v1/classify", content=b"x", headers={"content-type": "text/plain",
-                                                                 "x-request-id": rid + "-e"})
-            assert bad.status_code == 415
-            assert bad.headers["x-request-id"] == rid + "-e" and bad.json()["request_id"] == rid + "-e"
-            made = c.get("/healthz")
-            assert len(made.headers["x-request-id"]) >= 16  # one is made when none is sent
-        found = _follow(svc, "serve_app", rid, _text_record)
-        assert all(found.values()), found
+    svc = rays_proxy
+    with httpx.Client(base_url=svc.url, timeout=60) as c:
+        rid = f"rayproxy-{uuid.uuid4().hex}"
+        ok = c.post("/v1/classify", content=encode(photos["coffee"]),
+                    headers={"content-type": "image/jpeg", "x-request-id": rid})
+        assert ok.status_code == 200
+        assert ok.headers["x-request-id"] == rid and ok.json()["request_id"] == rid
+        bad = c.post("/v1/classify", content=b"x", headers={"content-type": "text/plain",
+                                                             "x-request-id": rid + "-e"})
+        assert bad.status_code == 415
+        assert bad.headers["x-request-id"] == rid + "-e" and bad.json()["request_id"] == rid + "-e"
+        made = c.get("/healthz")
+        assert len(made.headers["x-request-id"]) >= 16  # one is made when none is sent
+    found = _follow(svc, "serve_app", rid, _text_record)
+    assert all(found.values()), found

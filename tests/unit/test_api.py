@@ -174,3 +174,53 @@ def test_readiness_per_model_and_overall(client, classifiers):
     readyz = client.get("/readyz")
     assert readyz.status_code == 503 and readyz.json()["error"]["code"] == "not_ready"
     assert client.get("/v2/health/live").json() == {"live": True}
+
+
+def test_a_full_queue_is_503_overloaded_with_retry_after_in_both_protocols():
+    """One call in flight (blocked), one image queued: the next request is refused at once."""
+    import asyncio
+
+    import httpx
+
+    class Blocking(FakeClassifier):
+        def __init__(self):
+            super().__init__()
+            self.release = asyncio.Event()
+            self.classify = self
+
+        def remote(self, crops, top_ks, request_ids):
+            async def call():
+                await self.release.wait()
+                return self._classify(crops, top_ks, request_ids)
+            return call()
+
+    async def scenario():
+        settings = parse_app_config({"dispatch": {"max_batch_size": 1, "max_in_flight": 1,
+                                                  "max_queued": 1, "retry_after_s": 2.5}})
+        route, = topology.plan(settings)
+        blocking = Blocking()
+        gw = Gateway({route.name: ModelHandles(route.info.as_dict(), FakePreprocessor(),
+                                               blocking, route.classifier)}, settings,
+                     FakeMetrics())
+        transport = httpx.ASGITransport(app=api.build_app(gw))
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            post = lambda: c.post("/v1/classify", content=b"1234",  # noqa: E731
+                                  headers={"Content-Type": "image/jpeg"})
+            held = [asyncio.ensure_future(post()) for _ in range(2)]
+            for _ in range(20):
+                await asyncio.sleep(0.01)
+            refused = await post()
+            v2 = await c.post(f"/v2/models/{LITE0}/infer", json={"inputs": [{
+                "name": "images", "datatype": "BYTES", "shape": [1], "data": ["YQ=="]}]})
+            assert gw.autoscaling_stats()["images_queued"] == 1
+            blocking.release.set()
+            served = await asyncio.gather(*held)
+        return refused, v2, served
+
+    refused, v2, served = asyncio.run(scenario())
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "3"
+    assert refused.json()["error"]["code"] == "overloaded"
+    assert v2.status_code == 503 and set(v2.json()) == {"error"}
+    assert v2.headers["retry-after"] == "3"
+    assert [r.status_code for r in served] == [200, 200]
+

@@ -150,3 +150,22 @@ def test_on_dispatch_hears_each_group_and_how_long_its_items_waited():
         assert [len(waits) for waits in heard] == [1, 3]
         assert heard[0][0] < 0.01 and all(0.04 <= w < 1 for w in heard[1])
     run(scenario())
+
+
+def test_a_full_queue_refuses_at_once_and_frees_as_groups_leave():
+    from serve_app.batching import QueueFull
+
+    async def scenario():
+        down = Downstream()
+        batcher = CallBatcher(down, max_batch_size=2, max_in_flight=1, max_queued=3)
+        first = asyncio.ensure_future(batcher.submit(0))
+        await settle()
+        waiting = [asyncio.ensure_future(batcher.submit(i)) for i in (1, 2, 3)]
+        await settle()
+        with pytest.raises(QueueFull, match="3 items"):
+            await batcher.submit(4)
+        assert batcher.queued == 3 and down.groups == [[0]]
+        down.release.set()
+        assert await asyncio.gather(first, *waiting) == [0, 10, 20, 30]
+        assert await batcher.submit(5) == 50  # room again
+    run(scenario())

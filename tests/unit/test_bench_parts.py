@@ -189,3 +189,49 @@ def test_multi_model_table_and_load_cost():
     table = multi_model.format_table(result)
     assert "both at once" in table and "922.3" in table and "300+310" in table
     assert multi_model.load_cost_s({"name": "efficientnet_lite2"}) > 0
+
+
+def test_open_loop_keeps_its_rate_when_the_server_sheds():
+    """A stub server that answers every other request 503 at once and the rest after 50 ms:
+    arrivals keep their pace, every answer is counted by status with its latency."""
+    import asyncio
+
+    from load_tests.client import open_loop
+
+    async def scenario():
+        count = 0
+
+        async def handle(reader, writer):
+            nonlocal count
+            try:
+                while True:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                    length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                    await reader.readexactly(length)
+                    count += 1
+                    shed = count % 2 == 0
+                    if not shed:
+                        await asyncio.sleep(0.05)
+                    body = b'{"error":"x"}' if shed else b'{"ok":1}'
+                    status = b"503 Service Unavailable" if shed else b"200 OK"
+                    writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Length: "
+                                 + str(len(body)).encode() + b"\r\n\r\n" + body)
+                    await writer.drain()
+            except (asyncio.IncompleteReadError, ConnectionError):
+                writer.close()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        started = asyncio.get_running_loop().time()
+        result = await open_loop(f"http://127.0.0.1:{port}/x", [b"abc"], rate=100,
+                                 duration_s=1.0)
+        elapsed = asyncio.get_running_loop().time() - started
+        server.close()
+        return result, elapsed
+
+    result, elapsed = asyncio.run(scenario())
+    assert result.sent == 100 and result.dropped == 0 and result.transport_errors == 0
+    assert result.count(200) == 50 and result.count(503) == 50
+    assert result.percentile_ms(503, 95) < 40 <= result.percentile_ms(200, 50)
+    assert elapsed < 1.5  # arrivals did not wait for the slow answers
+    assert result.summary()["503"]["count"] == 50

@@ -1,0 +1,43 @@
+"""The replica processes of a local Serve cluster, found by their process titles
+(``ray::ServeReplica:<app>:<deployment>``), for CPU and memory readings."""
+
+from __future__ import annotations
+
+import re
+
+#: A replica's process title: application, then deployment (a method suffix may follow).
+REPLICA = re.compile(r"ray::ServeReplica:([^:\s]+):([\w-]+)")
+
+
+def replica_pids(root_pid: int, app: str) -> dict[int, str]:
+    """{pid: deployment} of ``app``'s replicas in the process tree under ``root_pid``."""
+    import psutil
+
+    out = {}
+    try:
+        procs = [psutil.Process(root_pid), *psutil.Process(root_pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return {}
+    for proc in procs:
+        try:
+            match = REPLICA.search(" ".join(proc.cmdline()))
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+        if match and match.group(1) == app:
+            out[proc.pid] = match.group(2)
+    return out
+
+
+def memory_mib(pids: dict[int, str], private: bool = False) -> dict[int, float]:
+    """RSS (or, with ``private``, USS) in MiB of each live pid."""
+    import psutil
+
+    out = {}
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            value = proc.memory_full_info().uss if private else proc.memory_info().rss
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+        out[pid] = round(value / 2**20, 1)
+    return out
