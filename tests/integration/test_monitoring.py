@@ -250,21 +250,39 @@ def rays_proxy():
         yield svc
 
 
+def _slow_post(url: str, path: str, size: int, chunked: bool = False) -> tuple[int, bytes]:
+    """POST ``size`` bytes in 256 KiB writes 2 ms apart (a client on a real network), then
+    read the answer; a reset while sending or reading raises."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    framing = ("Transfer-Encoding: chunked" if chunked else f"Content-Length: {size}")
+    head = (f"POST {path} HTTP/1.1\r\nHost: {parts.hostname}\r\nContent-Type: image/jpeg\r\n"
+            f"{framing}\r\nConnection: close\r\n\r\n").encode()
+    piece = b"x" * (256 << 10)
+    with socket.create_connection((parts.hostname, parts.port), timeout=60) as sock:
+        sock.sendall(head)
+        for _ in range(size // len(piece)):
+            sock.sendall(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
+            time.sleep(0.002)
+        if chunked:
+            sock.sendall(b"0\r\n\r\n")
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    status_line, _, rest = answer.partition(b"\r\n")
+    return int(status_line.split()[1]), rest.partition(b"\r\n\r\n")[2]
+
+
 def test_an_oversized_body_gets_the_json_413_through_rays_proxy(rays_proxy):
     """Answered from Content-Length while the client was still sending, a 20 MB body used to
     get a connection reset through Ray's proxy; the ingress now reads and drops it first."""
-    with httpx.Client(base_url=rays_proxy.url, timeout=60) as c:
-        declared = c.post("/v1/classify", content=b"x" * (20 << 20),
-                          headers={"content-type": "image/jpeg"})
-        assert declared.status_code == 413
-        assert declared.json()["error"]["code"] == "payload_too_large"
-
-        def chunks():
-            for _ in range(12):
-                yield b"x" * (1 << 20)
-
-        chunked = c.post("/v2/models/resnet18/infer", content=chunks())
-        assert chunked.status_code == 413 and "limit" in chunked.json()["error"]
+    status, body = _slow_post(rays_proxy.url, "/v1/classify", 20 << 20)
+    assert status == 413 and b"payload_too_large" in body
+    status, body = _slow_post(rays_proxy.url, "/v2/models/resnet18/infer", 12 << 20,
+                              chunked=True)
+    assert status == 413 and b"limit" in body
 
 
 def test_request_id_round_trips_through_rays_proxy(rays_proxy, photos):
