@@ -35,8 +35,9 @@ RUN python -c "\
 from serve_app.configfile import load; \
 from serve_app.config import parse_app_config; \
 from serve_app.models import build_model; \
-[build_model(parse_app_config(app.get('args')).model) \
- for path in ('configs/gpu.yaml', 'configs/local.yaml') for app in load(path)['applications']]" \
+[build_model(model) \
+ for path in ('configs/gpu.yaml', 'configs/local.yaml') for app in load(path)['applications'] \
+ for model in parse_app_config(app.get('args')).served]" \
     && ls -l "$TORCH_HOME/hub/checkpoints"
 
 # KubeRay supplies the command (ray start ...) for every pod.

@@ -15,6 +15,7 @@ for the autoscaling experiment: start time, latency in ms, status, endpoint. ``-
 from __future__ import annotations
 
 import itertools
+import os
 import random
 import time
 from typing import Any, Optional
@@ -98,6 +99,9 @@ class ClassifyUser(FastHttpUser):
         self.wait_s = options.wait_s if options else 0.1
         self.batch_fraction = options.batch_fraction if options else 0.1
         self.photos = itertools.cycle(random.sample(PHOTOS, len(PHOTOS)))
+        # A service with args.auth (k8s/): the token from the same variable the ingress reads.
+        token = os.environ.get("SERVE_APP_API_TOKEN")
+        self.auth = {"Authorization": f"Bearer {token}"} if token else {}
 
     def _fail(self, response: Any) -> None:
         code = response.status_code or 0
@@ -112,7 +116,8 @@ class ClassifyUser(FastHttpUser):
 
     def _single(self) -> None:
         _, data = next(self.photos)
-        with self.client.post("/v1/classify", data=data, headers={"Content-Type": "image/jpeg"},
+        with self.client.post("/v1/classify", data=data,
+                              headers={"Content-Type": "image/jpeg", **self.auth},
                               name="/v1/classify", catch_response=True) as response:
             body = _json(response)
             if body is None or not check_predictions(body.get("predictions")):
@@ -120,8 +125,10 @@ class ClassifyUser(FastHttpUser):
 
     def _batch(self) -> None:
         files = [next(self.photos) for _ in range(random.randint(2, 4))]
+        request = _multipart(files)
+        request["headers"].update(self.auth)
         with self.client.post("/v1/classify/batch", name="/v1/classify/batch",
-                              catch_response=True, **_multipart(files)) as response:
+                              catch_response=True, **request) as response:
             body = _json(response)
             results = body.get("results") if body else None
             if not (isinstance(results, list) and len(results) == len(files)

@@ -102,6 +102,18 @@ class DispatchConfig(_Strict):
         "The Retry-After (seconds, rounded up) sent with 503 overloaded / not_ready."))
 
 
+class AuthConfig(_Strict):
+    """Bearer-token authentication on the ingress (serve_app/api/auth.py)."""
+
+    token_env: str = Field("SERVE_APP_API_TOKEN", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+                           description=(
+        "The environment variable of the ingress replica that holds the token (a Kubernetes "
+        "secret, or runtime_env.env_vars); never the token itself."))
+    open_paths: list[str] = Field(
+        default_factory=lambda: ["/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"],
+        description="Paths answered without a token (probes).")
+
+
 class AppConfig(_Strict):
     """The application's ``args`` in a Serve config file."""
 
@@ -123,6 +135,9 @@ class AppConfig(_Strict):
     warmup_iterations: int = Field(1, ge=1, le=1000, description=(
         "Forward passes per warm-up batch size before a classifier replica reports ready; "
         "more let cuDNN autotuning settle before traffic arrives."))
+    auth: Optional[AuthConfig] = Field(None, description=(
+        "Require Authorization: Bearer <token> on every path but auth.open_paths; null: open "
+        "(configs/local.yaml)."))
     classifier_nice: int = Field(0, ge=0, le=19, description=(
         "Added to each classifier replica's nice value. On a CPU machine the model takes every "
         "core it can; niced, it yields to the ingress and the proxy, so refusals and "

@@ -30,7 +30,7 @@ from typing import Any, Iterable
 
 import yaml
 
-from serve_app.configfile import deployment_options, load
+from serve_app.configfile import APP_IMPORT_PATH, deployment_options, load
 from serve_app.launch import RAY_CLUSTER_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -323,20 +323,40 @@ def base_image(root: Path = ROOT) -> str:
 
 
 def serve_config(variant: Variant, root: Path = ROOT) -> dict[str, Any]:
-    """The Serve config a variant deploys: its config file, with the two settings Kubernetes
-    needs (configs/gpu.yaml has both already, so it is deployed exactly as written):
+    """The Serve config a variant deploys: its config file, with the settings Kubernetes
+    needs (configs/gpu.yaml has the first two already):
 
     * proxies listen on all interfaces: a Service cannot reach 127.0.0.1 inside a pod;
     * a proxy on every node: KubeRay's readiness probe on worker pods asks the local proxy,
-      so with HeadOnly every worker stays NotReady (kuberay#4994).
+      so with HeadOnly every worker stays NotReady (kuberay#4994);
+    * the API asks for a bearer token (``args.auth``), read from the Secret
+      :data:`AUTH_SECRET` that every pod maps into :data:`AUTH_TOKEN_ENV`; health paths stay
+      open for probes.
     """
     config = load(root / variant.config)
+    for app in config.get("applications") or []:
+        if app.get("import_path") == APP_IMPORT_PATH:
+            args = app.setdefault("args", {})
+            args.setdefault("auth", {"token_env": AUTH_TOKEN_ENV})
     http = config.get("http_options") or {}
     if http.get("host", "0.0.0.0") != "0.0.0.0":  # Serve's default is 0.0.0.0
         http["host"] = "0.0.0.0"
     if config.get("proxy_location") == "HeadOnly":
         config["proxy_location"] = "EveryNode"
     return config
+
+
+#: The Secret (key ``token``) the API's bearer token comes from, and the variable it lands in:
+#: ``kubectl create secret generic serve-app-api-token --from-literal=token=...``.
+AUTH_SECRET = "serve-app-api-token"
+AUTH_TOKEN_ENV = "SERVE_APP_API_TOKEN"
+
+
+def _env() -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in RAY_CLUSTER_ENV.items()]
+    env.append({"name": AUTH_TOKEN_ENV,
+                "valueFrom": {"secretKeyRef": {"name": AUTH_SECRET, "key": "token"}}})
+    return env
 
 
 def _memory(mib: int) -> str:
@@ -360,7 +380,7 @@ def _pod(group: GroupPlan, image: str, container: str, ports: dict[str, int],
             "name": container,
             "image": image,
             "imagePullPolicy": "IfNotPresent",
-            "env": [{"name": k, "value": v} for k, v in RAY_CLUSTER_ENV.items()],
+            "env": _env(),
             "ports": [{"name": n, "containerPort": p} for n, p in ports.items()],
             "resources": {"requests": dict(resources), "limits": dict(resources)},
             "securityContext": _container_security(),
@@ -655,6 +675,12 @@ def consistency_errors(doc: dict[str, Any], variant: Variant, root: Path = ROOT)
     if config.get("proxy_location") == "HeadOnly":
         errors.append("proxy_location HeadOnly: KubeRay's readiness probe keeps every worker "
                       "pod NotReady without a local proxy (kuberay#4994); use EveryNode")
+    for app in config["applications"]:
+        auth = (app.get("args") or {}).get("auth")
+        if app.get("import_path") == APP_IMPORT_PATH and (
+                auth is None or auth.get("token_env", AUTH_TOKEN_ENV) != AUTH_TOKEN_ENV):
+            errors.append(f"application {app.get('name')!r} does not require the API token "
+                          f"(args.auth.token_env {AUTH_TOKEN_ENV}): the Service would be open")
 
     if cluster.get("rayVersion") != ray_version:
         errors.append(f"rayVersion {cluster.get('rayVersion')} is not the pinned Ray {ray_version}")
@@ -705,6 +731,11 @@ def consistency_errors(doc: dict[str, Any], variant: Variant, root: Path = ROOT)
                 errors.append(f"{name}: {key} requests must equal limits (Guaranteed QoS)")
         if not (pod.get("securityContext") or {}).get("runAsNonRoot"):
             errors.append(f"{name}: pod securityContext must set runAsNonRoot")
+        secret = next((e["valueFrom"]["secretKeyRef"] for e in container.get("env") or []
+                       if e.get("name") == AUTH_TOKEN_ENV and "valueFrom" in e), None)
+        if secret != {"name": AUTH_SECRET, "key": "token"}:
+            errors.append(f"{name}: {AUTH_TOKEN_ENV} must come from Secret {AUTH_SECRET} "
+                          "(key token): args.auth reads the API token from it")
         for probe in ("readinessProbe", "livenessProbe"):
             if probe in container:
                 errors.append(f"{name}: {probe} is KubeRay's to inject; remove it")

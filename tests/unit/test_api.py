@@ -224,3 +224,39 @@ def test_a_full_queue_is_503_overloaded_with_retry_after_in_both_protocols():
     assert v2.headers["retry-after"] == "3"
     assert [r.status_code for r in served] == [200, 200]
 
+
+
+def _app_with_auth(monkeypatch, token: str | None):
+    if token is None:
+        monkeypatch.delenv("SERVE_APP_API_TOKEN", raising=False)
+    else:
+        monkeypatch.setenv("SERVE_APP_API_TOKEN", token)
+    settings = parse_app_config({"auth": {}})
+    route, = topology.plan(settings)
+    gw = Gateway({route.name: ModelHandles(route.info.as_dict(), FakePreprocessor(),
+                                           FakeClassifier(), route.classifier)}, settings,
+                 FakeMetrics())
+    return api.build_app(gw)
+
+
+def test_bearer_token_auth(monkeypatch):
+    with TestClient(_app_with_auth(monkeypatch, "s3cret-token")) as c:
+        missing = _post(c, "/v1/classify", b"1234")
+        assert missing.status_code == 401 and missing.json()["error"]["code"] == "unauthorized"
+        assert missing.headers["www-authenticate"].startswith("Bearer")
+        wrong = c.post("/v1/classify", content=b"1234", headers={
+            "Content-Type": "image/jpeg", "Authorization": "Bearer s3cret-tokeN"})
+        assert wrong.status_code == 401 and "not valid" in wrong.json()["error"]["message"]
+        v2 = c.get(f"/v2/models/{LITE0}")
+        assert v2.status_code == 401 and set(v2.json()) == {"error"}
+        right = c.post("/v1/classify", content=b"1234", headers={
+            "Content-Type": "image/jpeg", "Authorization": "Bearer s3cret-token"})
+        assert right.status_code == 200
+        for probe in ("/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"):
+            assert c.get(probe).status_code == 200, probe  # open for probes
+        assert c.get("/v1/models").status_code == 401
+
+
+def test_auth_without_its_token_fails_at_start_naming_the_setting(monkeypatch):
+    with pytest.raises(RuntimeError, match="args.auth.token_env names 'SERVE_APP_API_TOKEN'"):
+        _app_with_auth(monkeypatch, None)

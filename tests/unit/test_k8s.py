@@ -75,9 +75,12 @@ def test_render_is_deterministic_and_every_file_says_it_is_generated():
 # ---- serveConfigV2 ------------------------------------------------------------------------
 
 
-def test_gpu_serve_config_is_exactly_gpu_yaml_and_valid_for_ray_and_serve_app():
+def test_gpu_serve_config_is_gpu_yaml_with_the_api_token_and_valid_for_ray_and_serve_app():
     serve = yaml.safe_load(doc(GPU)["spec"]["serveConfigV2"])
-    assert serve == configfile.load(ROOT / "configs/gpu.yaml")
+    gpu = configfile.load(ROOT / "configs/gpu.yaml")
+    assert "auth" not in gpu["applications"][0]["args"]  # open on a workstation
+    gpu["applications"][0]["args"]["auth"] = {"token_env": "SERVE_APP_API_TOKEN"}
+    assert serve == gpu
     ServeDeploySchema.model_validate(serve)
     [(name, settings, batching)] = configfile.check(serve, "serveConfigV2")
     assert settings.primary.name == "resnet50" and batching.max_batch_size == 32
@@ -91,6 +94,7 @@ def test_cpu_serve_config_is_local_yaml_with_proxies_reachable_on_every_pod():
     assert (local["http_options"]["host"], local["proxy_location"]) == ("127.0.0.1", "HeadOnly")
     local["http_options"]["host"] = "0.0.0.0"
     local["proxy_location"] = "EveryNode"
+    local["applications"][0]["args"]["auth"] = {"token_env": "SERVE_APP_API_TOKEN"}
     assert serve == local
     configfile.check(serve, "serveConfigV2")
     assert not any(d.get("ray_actor_options", {}).get("num_gpus")
@@ -112,7 +116,10 @@ def test_every_pod_runs_ray_with_serve_apps_cluster_env(variant):
     cluster = doc(variant)["spec"]["rayClusterConfig"]
     groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
     for group in groups:
-        env = {e["name"]: e["value"] for e in ray_container(group).get("env", [])}
+        env = {e["name"]: e.get("value", e.get("valueFrom"))
+               for e in ray_container(group).get("env", [])}
+        token = env.pop("SERVE_APP_API_TOKEN")
+        assert token == {"secretKeyRef": {"name": "serve-app-api-token", "key": "token"}}
         assert env == RAY_CLUSTER_ENV and env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
 
 
@@ -174,6 +181,8 @@ _GPU_RES = (*_GPU_POD, "template", "spec", "containers", 0, "resources")
     (_break((*_GPU_POD, "template", "spec", "containers", 0, "readinessProbe"),
             {"exec": {"command": ["true"]}}), "readinessProbe is KubeRay's"),
     (_break(("spec", "serveConfigV2"), "applications: []\n"), "not the Serve config"),
+    (_break((*_GPU_POD, "template", "spec", "containers", 0, "env"), []),
+     "must come from Secret serve-app-api-token"),
 ])
 def test_inconsistencies_are_reported(mutate, expected):
     d = copy.deepcopy(doc(GPU))
@@ -343,3 +352,17 @@ def test_metrics_mistakes_are_reported():
     other["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"] = "someone-else"
     assert any("selector" in e for e in k8s.metrics_errors(d, other))
     assert any("missing" in e for e in k8s.metrics_errors(d, None))
+
+
+def test_the_api_token_is_required_in_every_manifest():
+    """args.auth on every serve_app application, its token from the Secret in every pod."""
+    for variant in (GPU, CPU):
+        d = copy.deepcopy(doc(variant))
+        config = yaml.safe_load(d["spec"]["serveConfigV2"])
+        assert all(app["args"]["auth"] == {"token_env": "SERVE_APP_API_TOKEN"}
+                   for app in config["applications"])
+        for app in config["applications"]:
+            del app["args"]["auth"]
+        d["spec"]["serveConfigV2"] = yaml.safe_dump(config, sort_keys=False)
+        assert any("does not require the API token" in e
+                   for e in k8s.consistency_errors(d, variant)), variant
