@@ -134,3 +134,27 @@ def test_device_is_cpu_without_a_gpu_assignment():
     assert runtime.select_device({"CPU": 1}).type == "cpu"
     if not torch.cuda.is_available():
         assert runtime.select_device({"GPU": 0.25}).type == "cpu"
+
+
+class _Payload:
+    """Unpickling this creates a file: what a hostile weights file would do instead."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_weights_load_with_weights_only_so_a_hostile_file_runs_nothing(tmp_path):
+    import pickle
+
+    from serve_app.config import ModelConfig
+    from serve_app.models import build_model
+
+    marker = tmp_path / "pwned"
+    weights = tmp_path / "weights.pth"
+    torch.save({"conv1.weight": _Payload(marker)}, weights)
+    with pytest.raises(pickle.UnpicklingError):
+        build_model(ModelConfig(name="resnet18", weights=None, weights_path=str(weights)))
+    assert not marker.exists()
