@@ -67,7 +67,9 @@ class CallBatcher(Generic[T, R]):
     async def submit(self, item: T) -> R:
         if (self.max_queued is not None and self._in_flight >= self.max_in_flight
                 and len(self._pending) >= self.max_queued):
-            raise QueueFull(f"{len(self._pending)} items are already waiting")
+            waiting = sum(1 for _, future, _ in self._pending if not future.done())
+            if waiting >= self.max_queued:  # requests that gave up do not count
+                raise QueueFull(f"{waiting} items are already waiting")
         future = asyncio.get_running_loop().create_future()
         self._pending.append((item, future, time.perf_counter()))
         self._dispatch()

@@ -169,3 +169,20 @@ def test_a_full_queue_refuses_at_once_and_frees_as_groups_leave():
         assert await asyncio.gather(first, *waiting) == [0, 10, 20, 30]
         assert await batcher.submit(5) == 50  # room again
     run(scenario())
+
+
+def test_requests_that_gave_up_do_not_fill_the_queue():
+    async def scenario():
+        down = Downstream()
+        batcher = CallBatcher(down, max_batch_size=2, max_in_flight=1, max_queued=1)
+        first = asyncio.ensure_future(batcher.submit(0))
+        await settle()
+        gone = asyncio.ensure_future(batcher.submit(1))
+        await settle()
+        gone.cancel()  # the client went away; its entry is still in the queue
+        await settle()
+        kept = asyncio.ensure_future(batcher.submit(2))
+        await settle()
+        down.release.set()
+        assert await asyncio.gather(first, kept) == [0, 20]
+    run(scenario())
