@@ -14,7 +14,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve_app.api.common import gateway, json_response, read_body, request_id_of
-from serve_app.errors import ClientError, InvalidImage, UnsupportedMediaType
+from serve_app.errors import ClientError, InvalidImage, Unavailable, UnsupportedMediaType
 from serve_app.gateway import Gateway
 from serve_app.metrics import route_label
 
@@ -123,7 +123,7 @@ async def _classify_batch(request: Request, gw: Gateway, model: Optional[str],
     results = []
     for upload, outcome in zip(uploads, outcomes):
         item: dict[str, Any] = {"filename": upload.filename}
-        if isinstance(outcome, ClientError):
+        if isinstance(outcome, (ClientError, Unavailable)):  # a bad image; a full queue
             item["error"] = {"code": outcome.code, "message": outcome.message}
         elif isinstance(outcome, BaseException):
             logger.error("batch item %s failed: %r", upload.filename, outcome)
