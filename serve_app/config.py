@@ -93,7 +93,7 @@ class DispatchConfig(_Strict):
         "Calls in flight per ingress replica. A request that finds one free leaves at once; "
         "the others queue and leave together when one frees up. Enough to keep every "
         "preprocessor and classifier replica busy; more only make the groups smaller."))
-    max_queued: int = Field(32, ge=0, le=100_000, description=(
+    max_queued: int = Field(64, ge=0, le=100_000, description=(
         "Most images waiting for a call slot, per model and ingress replica. Past it a request "
         "is refused at once with 503 `overloaded` and Retry-After, instead of queueing until "
         "it times out: it bounds the wait a served request sees (about max_queued / "
