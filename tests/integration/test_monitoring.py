@@ -168,13 +168,15 @@ def test_dashboard_file_is_generated_from_code():
     assert dashboard.write(check=True) == 0, "run python -m serve_app dashboard"
 
 
-def _follow(svc: ServeProcess, app: str, rid: str, parse) -> dict[str, list]:
-    """The log records naming ``rid`` in each deployment's log files (they flush in a moment)."""
+def _follow(svc: ServeProcess, app: str, rid: str, parse, done=None) -> dict[str, list]:
+    """The log records naming ``rid`` in each deployment's log files, once ``done(found)`` (by
+    default: one record per deployment). They flush in a moment, and the ingress writes its
+    request line after the response, so a record may come after another of the same request."""
     deadline = time.monotonic() + 20
     while True:
         found = {dep: [r for r in map(parse, log_lines(svc, app, dep)) if r and rid in r["ids"]]
                  for dep in ("Ingress", "Preprocessor", "Classifier")}
-        if all(found.values()) or time.monotonic() > deadline:
+        if (done or (lambda f: all(f.values())))(found) or time.monotonic() > deadline:
             return found
         time.sleep(0.5)
 
@@ -211,11 +213,14 @@ def test_one_request_is_followed_through_the_json_logs(service, client, photos):
     context), the preprocessor and the classifier's @serve.batch line carry it in
     ``request_ids`` (serve_app carries them; Ray's context names one request per call)."""
     rid = _classify_with_an_id(client, "/exact/v1/classify", photos["coffee"])
-    found = _follow(service, "exact", rid, _json_record)
-    assert all(found.values()), found
     names = {"Ingress": "ingress", "Preprocessor": "preprocessor", "Classifier": "classifier"}
-    stage = {dep: [r for r in records if r.get("serve_app_stage") == names[dep]]
-             for dep, records in found.items()}  # Ray logs other lines in the context too
+
+    def stages(found):  # Ray logs other lines in the context too
+        return {dep: [r for r in records if r.get("serve_app_stage") == names[dep]]
+                for dep, records in found.items()}
+
+    found = _follow(service, "exact", rid, _json_record, lambda f: all(stages(f).values()))
+    stage = stages(found)
     assert all(stage.values()), found
     assert stage["Ingress"][0]["request_id"] == rid and "-> 200" in stage["Ingress"][0]["message"]
     assert rid in stage["Preprocessor"][0]["request_ids"]
