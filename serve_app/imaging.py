@@ -154,8 +154,8 @@ def stack_pixels(crops: Sequence[torch.Tensor]) -> torch.Tensor:
     """One batch from crops of one size: uint8 as they come, float32 in [0, 1] as soon as one
     of them is (a /v2 ``pixels`` request may share a batch with decoded images)."""
     if any(c.is_floating_point() for c in crops):
-        crops = [c if c.is_floating_point() else c.float().div_(255) for c in crops]
-        return torch.stack([c.float() for c in crops])
+        return torch.stack([c.float() if c.is_floating_point() else c.float().div_(255)
+                            for c in crops])
     return torch.stack(list(crops))
 
 

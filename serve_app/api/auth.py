@@ -13,7 +13,7 @@ import os
 
 from starlette.requests import Request
 
-from serve_app.api.common import error_response
+from serve_app.api.common import error_response, relative_path
 
 
 def load_token(env_var: str) -> bytes:
@@ -26,11 +26,6 @@ def load_token(env_var: str) -> bytes:
     return token.encode()
 
 
-def _relative_path(scope: dict) -> str:
-    path, root = scope.get("path", ""), scope.get("root_path", "")
-    return path[len(root):] if root and path.startswith(root) else path
-
-
 class BearerAuth:
     """Pure ASGI middleware: 401 unless the request carries the token (or its path is open)."""
 
@@ -40,7 +35,7 @@ class BearerAuth:
         self.open_paths = open_paths
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or _relative_path(scope) in self.open_paths:
+        if scope["type"] != "http" or relative_path(scope) in self.open_paths:
             return await self.app(scope, receive, send)
         given = b""
         for key, value in scope.get("headers") or ():

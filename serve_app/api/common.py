@@ -37,11 +37,15 @@ def request_id_of(request: Request) -> str:
     return request_metrics.request_id(request.scope)
 
 
+def relative_path(scope: dict) -> str:
+    """The request's path below the application's route prefix (Serve's ``root_path``)."""
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path
+
+
 def is_v2(scope: dict) -> bool:
     """Whether a request came in on the Open Inference Protocol (under /v2)."""
-    path, root = scope.get("path", ""), scope.get("root_path", "")
-    if root and path.startswith(root):
-        path = path[len(root):]
+    path = relative_path(scope)
     return path == "/v2" or path.startswith("/v2/")
 
 
