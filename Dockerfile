@@ -8,8 +8,16 @@
 # Not built by CI: the CI machine has no container engine.
 FROM rayproject/ray:2.60.0-py311-gpu
 
+# The base image's user ray (uid 1000, group users, gid 100), said here rather than inherited:
+# the manifests run every container as 1000:100 with a read-only root filesystem, so what is
+# baked below (weights, compiled artifacts) must be this user's to read. `k8s check` fails
+# another USER. (apt-get below goes through the image's passwordless sudo, at build time only.)
+USER 1000:100
+
 # Weights are baked in here, so pods never download at start (and work without egress); so
-# are the compiled models (model.compile), so a replica loads one in under a second.
+# are the compiled models (model.compile), so a replica loads one in under a second. Pods only
+# read both: HOME is on the read-only root filesystem; worker pods that run compiled
+# classifiers get a writable copy of SERVE_APP_ARTIFACT_DIR (serve_app/k8s.py ARTIFACT_DIR).
 ENV TORCH_HOME=/home/ray/.cache/torch \
     SERVE_APP_ARTIFACT_DIR=/home/ray/serve_app_artifacts \
     PIP_NO_CACHE_DIR=1 \
@@ -22,8 +30,6 @@ RUN sudo apt-get update \
     && sudo rm -rf /var/lib/apt/lists/*
 
 WORKDIR /home/ray/serve_app
-# The rayproject/ray images run as user ray (uid 1000, group users, gid 100): the same ids the
-# manifests' securityContext asks for.
 COPY --chown=1000:100 . .
 RUN pip install . \
     && python -m serve_app check configs/gpu.yaml configs/local.yaml

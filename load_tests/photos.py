@@ -51,3 +51,14 @@ def encode(array: np.ndarray, fmt: str = "JPEG", size: tuple[int, int] | None = 
 def photos_jpeg() -> tuple[tuple[str, bytes], ...]:
     """(name, 640x480 JPEG bytes) for every available sample photo."""
     return tuple((name, encode(img)) for name, img in sorted(_sources().items()))
+
+
+def large_jpeg(width: int = 6400, height: int = 6250, quality: int = 90) -> bytes:
+    """The cat upscaled to ``width`` x ``height`` (40 MP by default, the default
+    ``max_image_pixels``) and JPEG-encoded: smooth, so it stays small (1.95 MB at 40 MP, q90;
+    under the 10 MiB body limit, where 40 MP of noise would be ~30 MB), and it decodes and
+    resizes at full cost."""
+    image = Image.fromarray(_sources()["chelsea"]).resize((width, height), Image.BILINEAR)
+    buf = io.BytesIO()
+    image.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()

@@ -41,3 +41,27 @@ def memory_mib(pids: dict[int, str], private: bool = False) -> dict[int, float]:
             continue
         out[pid] = round(value / 2**20, 1)
     return out
+
+
+def reset_peak(pid: int) -> bool:
+    """Start ``pid``'s peak RSS (VmHWM) over from its current RSS (Linux's ``clear_refs`` 5);
+    False where that is not allowed, e.g. another user's process."""
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_mib(pid: int) -> float | None:
+    """``pid``'s peak RSS (VmHWM) in MiB since it started or since :func:`reset_peak`; the
+    kernel's own high-water mark, so no sampler can miss a short peak."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        return None
+    return None

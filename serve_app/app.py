@@ -35,7 +35,8 @@ def build_app(args: Optional[dict[str, Any]] = None) -> Application:
         if route.preprocessor not in preprocessors:
             feeds = tuple(r.classifier for r in routes if r.preprocessor == route.preprocessor)
             preprocessors[route.preprocessor] = Preprocessor.options(name=route.preprocessor).bind(
-                route.info.transform, settings.max_image_pixels, settings.log_requests, feeds)
+                route.info.transform, settings.max_image_pixels, settings.log_requests, feeds,
+                settings.decode_budget_pixels)
         # The description travels with the model: the classifier replica then never imports
         # torchvision when it loads a compiled artifact (~2 s less CPU per start).
         classifier = Classifier.options(name=route.classifier).bind(

@@ -75,6 +75,17 @@ class CallBatcher(Generic[T, R]):
         self._dispatch()
         return await future
 
+    def fail_pending(self, exc: BaseException) -> int:
+        """Fail every item still waiting for a slot with ``exc`` (its deployment went down);
+        returns how many. The calls in flight run on."""
+        failed = 0
+        while self._pending:
+            _, future, _ = self._pending.popleft()
+            if not future.done():
+                future.set_exception(exc)
+                failed += 1
+        return failed
+
     def _dispatch(self) -> None:
         while self._pending and self._in_flight < self.max_in_flight:
             group, submitted = [], []

@@ -12,7 +12,7 @@ import time
 import torch
 from ray import serve
 
-from serve_app import artifacts, imaging, models
+from serve_app import artifacts, fault_injection, imaging, models
 from serve_app.config import ClassifierSettings, ModelConfig, parse_classifier_settings
 from serve_app.metrics import ClassifierMetrics
 from serve_app.runtime import (assigned_resources, configure_torch_threads, cpu_threads,
@@ -73,6 +73,7 @@ class Predictor:
         """(N, 3, H, W) uint8 (or float in [0, 1]) to (N, classes) float32 probabilities on the
         CPU."""
         network, limit = runner or self._runner
+        fault_injection.block_while_wedged()  # inert unless a test wedges this process
         x = batch.to(self.device, non_blocking=True)
         x = imaging.normalize(x, self.info.transform.mean, self.info.transform.std, self.dtype)
         x = x.contiguous(memory_format=self.memory_format)
@@ -255,6 +256,26 @@ class Classifier:
     def ready(self) -> bool:
         """Answers only once __init__ (load + warm-up) has finished."""
         return True
+
+    async def check_health(self) -> None:
+        """Ray's health check (``health_check_period_s``): a one-image forward pass in a thread,
+        under ``health_check_forward_timeout_s``. A live process whose model no longer returns
+        (a wedged kernel or driver call) fails it and is replaced; a liveness check alone would
+        keep it. A forward that wedged the event loop fails it too: then this never runs and
+        Ray's ``health_check_timeout_s`` expires."""
+        size = self.predictor.info.transform.crop_size
+        image = torch.zeros((1, 3, size, size), dtype=torch.uint8)
+
+        def forward() -> None:
+            configure_torch_threads(threads=self.threads)  # per OS thread
+            self.predictor.predict(image)
+
+        timeout = self.settings.health_check_forward_timeout_s
+        try:
+            await asyncio.wait_for(asyncio.to_thread(forward), timeout)
+        except TimeoutError:
+            raise RuntimeError(f"a one-image forward pass did not finish in {timeout}s: the "
+                               "model is wedged") from None
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """Ray's custom autoscaling metrics hook, read by serve_app.autoscaling: the batch size,

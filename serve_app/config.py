@@ -127,10 +127,25 @@ class AppConfig(_Strict):
         "The served name /v1/classify and /v2 readiness use; null: the first model."))
     top_k_default: int = Field(5, ge=1, le=20, description="top_k when the client sends none.")
     max_body_bytes: int = Field(10 * 1024 * 1024, gt=0, description="Largest request body accepted.")
-    max_image_pixels: int = Field(40_000_000, gt=0, description="Largest width*height decoded.")
+    max_image_pixels: int = Field(40_000_000, gt=0, description=(
+        "Largest width*height decoded, checked from the header; also the largest image the "
+        "resize may make (an extreme aspect ratio is refused the same way)."))
+    max_decoding_pixels: Optional[int] = Field(None, gt=0, description=(
+        "Most pixels one preprocessor replica decodes at once (each image counts its "
+        "width*height, or its resized size if larger), across the calls Ray runs concurrently "
+        "in the replica's thread pool (up to its max_ongoing_requests); an image that does not "
+        "fit waits for others to finish. A decode and its resize peak at about 15 bytes per "
+        "pixel (JPEG, PNG; 23 for WebP), so this bounds the replica's memory to its idle size "
+        "plus about 15-23 bytes x this (docs/reliability.md). null: max_image_pixels (one "
+        "image at the limit at a time, or several smaller ones). At least max_image_pixels."))
     dispatch: DispatchConfig = Field(default_factory=DispatchConfig)
     max_batch_files: int = Field(16, ge=1, le=256, description="Most images in one /v1/classify/batch.")
-    readiness_timeout_s: float = Field(2.0, gt=0, description="How long /readyz waits for the classifier.")
+    readiness_timeout_s: float = Field(2.0, gt=0, description=(
+        "How long /readyz waits for the classifier; also how long the ingress waits for a "
+        "model's replicas to answer after one was lost before it refuses requests with 503."))
+    replica_probe_interval_s: float = Field(0.5, gt=0, le=60, description=(
+        "While no replica of a model answers, how often the ingress asks again "
+        "(serve_app/availability.py); its requests get 503 until one does."))
     request_timeout_s: float = Field(60.0, gt=0, description="Upper bound for one classification.")
     warmup_iterations: int = Field(1, ge=1, le=1000, description=(
         "Forward passes per warm-up batch size before a classifier replica reports ready; "
@@ -172,6 +187,21 @@ class AppConfig(_Strict):
         wanted = self.default_model or self.served[0].id
         return next(m for m in self.served if m.id == wanted)
 
+    @model_validator(mode="after")
+    def _budget_holds_one_image(self):
+        if self.max_decoding_pixels is not None and self.max_decoding_pixels < self.max_image_pixels:
+            raise ValueError(
+                f"max_decoding_pixels: {self.max_decoding_pixels} is under max_image_pixels "
+                f"({self.max_image_pixels}); an image at the limit would be decoded alone, "
+                "past the budget. Raise it, or lower max_image_pixels")
+        return self
+
+    @property
+    def decode_budget_pixels(self) -> int:
+        """The pixels a preprocessor replica decodes at once (``max_decoding_pixels``, else
+        ``max_image_pixels``)."""
+        return self.max_decoding_pixels or self.max_image_pixels
+
 
 def threads_for_share(cpus: float) -> int:
     """The integer part of a CPU share, at least 1: the threads that never oversubscribe."""
@@ -189,6 +219,9 @@ class ClassifierSettings(_Strict):
         "has large layers (resnet18 on 2 cores: p50 71 -> 48 ms) and slows one with many "
         "small ones (EfficientNet-Lite0); on several replicas it needs "
         "OMP_WAIT_POLICY=PASSIVE in the runtime_env (serve_app check enforces it)."))
+    health_check_forward_timeout_s: float = Field(5.0, gt=0, le=300, description=(
+        "How long the health check's one-image forward pass may take before the replica is "
+        "called wedged and replaced; keep it under the deployment's health_check_timeout_s."))
 
 
 def format_errors(exc: ValidationError, prefix: str) -> str:

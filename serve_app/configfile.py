@@ -11,6 +11,7 @@ from typing import Any
 
 import yaml
 from pydantic import ValidationError
+from ray.serve._private.constants import DEFAULT_HEALTH_CHECK_TIMEOUT_S
 from ray.serve.config import AutoscalingConfig
 from ray.serve.schema import DeploymentSchema, ServeDeploySchema
 
@@ -94,6 +95,19 @@ def _check_classifier(classifier: dict[str, Any], batching: ClassifierSettings,
             f"its max_ongoing_requests ({max_ongoing}) times args.dispatch.max_batch_size "
             f"({settings.dispatch.max_batch_size}): batches could never fill.")
     _check_threads(classifier, batching, where)
+    _check_health_timeout(classifier, batching, where)
+
+
+def _check_health_timeout(classifier: dict[str, Any], batching: ClassifierSettings,
+                          where: str) -> None:
+    """The health check's forward pass must be able to time out before Ray gives up on the
+    whole check, or a wedged model is reported as Ray's timeout, never as wedged."""
+    ray_timeout = classifier.get("health_check_timeout_s", DEFAULT_HEALTH_CHECK_TIMEOUT_S)
+    if batching.health_check_forward_timeout_s >= ray_timeout:
+        raise ConfigError(
+            f"{where}: user_config.health_check_forward_timeout_s "
+            f"({batching.health_check_forward_timeout_s}) must be under the deployment's "
+            f"health_check_timeout_s ({ray_timeout}).")
 
 
 def _check_threads(classifier: dict[str, Any], batching: ClassifierSettings, where: str) -> None:

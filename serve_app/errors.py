@@ -89,3 +89,26 @@ class Overloaded(Unavailable):
     """Every queue for the model is full: refused at once instead of queueing until timeouts."""
 
     code = "overloaded"
+
+
+class ReplicaLost(Unavailable):
+    """The replica that held the request stopped (killed, crashed, replaced): nothing was
+    answered, so the client may safely send it again."""
+
+    code = "replica_lost"
+
+
+def is_replica_loss(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what Ray wrapped in it) says the replica running the call is gone."""
+    from ray.exceptions import RayActorError, WorkerCrashedError
+    from ray.serve.exceptions import ReplicaUnavailableError
+
+    lost = (RayActorError, WorkerCrashedError, ReplicaUnavailableError)
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, lost):
+            return True
+        seen.add(id(exc))
+        cause = getattr(exc, "cause", None)
+        exc = cause if isinstance(cause, BaseException) else exc.__cause__
+    return False

@@ -17,9 +17,11 @@ from typing import Any, Optional
 import numpy as np
 
 from serve_app.autoscaling import IMAGES_QUEUED, images_queued_key
+from serve_app.availability import Availability
 from serve_app.batching import CallBatcher, QueueFull
 from serve_app.config import AppConfig
-from serve_app.errors import NotReady, Overloaded, UnknownModel, find_client_error
+from serve_app.errors import (NotReady, Overloaded, ReplicaLost, UnknownModel, find_client_error,
+                              is_replica_loss)
 from serve_app.crops import Crops
 from serve_app.metrics import IngressMetrics
 
@@ -45,6 +47,40 @@ class _Model:
         self.batcher = CallBatcher(self._classify_group, settings.dispatch.max_batch_size,
                                    settings.dispatch.max_in_flight, self._dispatched,
                                    settings.dispatch.max_queued)
+        self.availability = Availability(handles.info["name"], self._probe,
+                                         settings.readiness_timeout_s,
+                                         settings.replica_probe_interval_s, self._went_down)
+
+    async def _probe(self) -> None:
+        """One empty preprocessor call and a classifier ``ready``: both deployments answer."""
+        await self.handles.preprocessor.remote([], [])
+        await self.handles.classifier.ready.remote()
+
+    def _not_ready(self) -> NotReady:
+        return NotReady(f"No replica of {self.handles.info['name']} answers now (one was lost; "
+                        "a replacement is starting); retry later.",
+                        self.settings.dispatch.retry_after_s)
+
+    def _went_down(self) -> None:
+        self.batcher.fail_pending(self._not_ready())
+
+    def check_up(self) -> None:
+        """Refuse at once while no replica answers, rather than queue for the replacement."""
+        if self.availability.down:
+            raise self._not_ready()
+
+    async def call(self, awaitable):
+        """A call into the model's replicas; a lost replica is a retryable 503 that makes the
+        model check whether any other is up."""
+        try:
+            return await awaitable
+        except Exception as exc:
+            if find_client_error(exc) is None and is_replica_loss(exc):
+                self.availability.lost()
+                raise ReplicaLost(f"A replica serving {self.handles.info['name']} stopped "
+                                  f"while it held this request ({type(exc).__name__}); retry.",
+                                  self.settings.dispatch.retry_after_s) from None
+            raise
 
     def _dispatched(self, waits_s: list[float]) -> None:
         self.metrics.group(len(waits_s), [w * 1000 for w in waits_s])
@@ -57,8 +93,8 @@ class _Model:
         crops = self.handles.preprocessor.remote([data for data, _, _ in items],
                                                  request_ids)  # not awaited
         try:
-            return await self.handles.classifier.classify.remote(
-                crops, [k for _, k, _ in items], request_ids)
+            return await self.call(self.handles.classifier.classify.remote(
+                crops, [k for _, k, _ in items], request_ids))
         finally:
             call_ms = (time.perf_counter() - started) * 1000
             self.metrics.group_done(call_ms)
@@ -114,6 +150,7 @@ class Gateway:
                        request_id: str) -> list[dict]:
         """One encoded image's top-k, through the model's grouping queue."""
         model = self._model(name)
+        model.check_up()
         try:
             pending = model.batcher.submit((data, top_k, request_id))
             return await self._bounded(pending)
@@ -127,10 +164,11 @@ class Gateway:
         """Already preprocessed images ((N, 3, S, S) uint8, or float32 in [0, 1]) straight to
         the classifier, whose ``@serve.batch`` queue they share with every other image."""
         model = self._model(name)
+        model.check_up()
         n = len(pixels)
         crops = Crops(pixels, [None] * n)
-        return await self._bounded(
-            model.handles.classifier.classify.remote(crops, [top_k] * n, [request_id] * n))
+        return await self._bounded(model.call(
+            model.handles.classifier.classify.remote(crops, [top_k] * n, [request_id] * n)))
 
     async def ready(self, name: Optional[str] = None, every: bool = False) -> None:
         """Raise NotReady unless the model (or ``every`` model) has loaded and warmed up."""

@@ -23,15 +23,20 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from serve_app.crops import Crops
 from serve_app.errors import ClientError, ImageTooLarge, InvalidImage
+from serve_app.pixel_budget import PixelBudget
 
 __all__ = ["Crops"]  # re-exported: the preprocessor's output type
 
 #: Formats a client may send. MPO is what cameras call a JPEG with extra frames.
 SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF"})
+#: The only parsers ``Image.open`` may try (PIL's JPEG parser opens MPO files as well).
+_PIL_FORMATS = tuple(sorted(SUPPORTED_FORMATS - {"MPO"}))
 
 # We enforce our own pixel limit right after reading the header; PIL's own bomb check would
 # otherwise warn (or raise) with a different message before ours runs.
 Image.MAX_IMAGE_PIXELS = None
+
+_NO_BUDGET = PixelBudget(None)
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,64 @@ class TransformSpec:
         )
 
 
+@dataclass(frozen=True)
+class Header:
+    """What an image's header declares, read before any pixel is decoded."""
+
+    image: Image.Image  # opened, not loaded
+    format: str
+    width: int
+    height: int
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+
+def _sniff_format(data: bytes) -> str | None:
+    """The name of the format whose signature ``data`` starts with, from PIL's signature
+    checks alone (no plugin parses the bytes): to name an unsupported format in the error."""
+    Image.init()
+    prefix = data[:16]
+    for fmt in Image.ID:
+        accept = Image.OPEN[fmt][1]
+        try:
+            if accept is not None and accept(prefix):
+                return fmt
+        except Exception:  # some checks need more bytes than a short body has
+            continue
+    return None
+
+
+def read_header(data: bytes, max_pixels: int) -> Header:
+    """Open ``data`` with the supported formats' parsers only and check its pixel count.
+
+    Only :data:`SUPPORTED_FORMATS` are tried: PIL's other parsers are not meant for hostile
+    input, and one decodes inside ``Image.open`` (an ICO's embedded PNG, at any size: a 219 KB
+    ICO took 216 MiB and 0.7 s before its format was refused). Refusing from the header means
+    a decompression bomb costs nothing.
+    """
+    if not data:
+        raise InvalidImage("The request body is empty; send the bytes of an image.")
+    try:
+        image = Image.open(io.BytesIO(data), formats=_PIL_FORMATS)
+        fmt, (width, height) = image.format, image.size
+    except UnidentifiedImageError:
+        other = _sniff_format(data)
+        if other is not None and other not in SUPPORTED_FORMATS:
+            raise InvalidImage(f"Image format {other} is not supported.") from None
+        raise InvalidImage("The body is not an image in a supported format "
+                           f"({', '.join(sorted(SUPPORTED_FORMATS - {'MPO'}))}).") from None
+    except Exception as exc:
+        raise InvalidImage(f"The image header cannot be read: {exc}") from None
+    if fmt not in SUPPORTED_FORMATS:  # a plugin of a supported format named another one
+        raise InvalidImage(f"Image format {fmt} is not supported.")
+    if width * height > max_pixels:
+        raise ImageTooLarge(
+            f"The image has {width}x{height} = {width * height} pixels; the limit is {max_pixels}.")
+    return Header(image, fmt, width, height)
+
+
 def decode_image(data: bytes, max_pixels: int) -> torch.Tensor:
     """Bytes of a JPEG/PNG/WebP/BMP/GIF to an RGB ``uint8`` tensor of shape (3, H, W).
 
@@ -63,48 +126,71 @@ def decode_image(data: bytes, max_pixels: int) -> torch.Tensor:
     is composited over white); a GIF gives its first frame. The pixel count is checked from
     the header, before any pixel is decoded, so a decompression bomb costs nothing.
     """
-    if not data:
-        raise InvalidImage("The request body is empty; send the bytes of an image.")
+    return decode_pixels(data, read_header(data, max_pixels))
+
+
+def decode_pixels(data: bytes, header: Header) -> torch.Tensor:
+    """The pixels of an image whose header :func:`read_header` has checked."""
     try:
-        image = Image.open(io.BytesIO(data))
-        fmt, (width, height) = image.format, image.size
-    except UnidentifiedImageError:
-        raise InvalidImage("The body is not an image in a supported format "
-                           f"({', '.join(sorted(SUPPORTED_FORMATS - {'MPO'}))}).") from None
-    except Exception as exc:
-        raise InvalidImage(f"The image header cannot be read: {exc}") from None
-    if fmt not in SUPPORTED_FORMATS:
-        raise InvalidImage(f"Image format {fmt} is not supported.")
-    if width * height > max_pixels:
-        raise ImageTooLarge(
-            f"The image has {width}x{height} = {width * height} pixels; the limit is {max_pixels}.")
-    try:
-        if fmt == "JPEG":
+        if header.format == "JPEG":
             from torchvision.io import ImageReadMode, decode_jpeg
 
             # libjpeg-turbo straight into a tensor: about twice as fast as PIL + numpy.
             raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
             return decode_jpeg(raw, mode=ImageReadMode.RGB, apply_exif_orientation=True)
-        return _decode_with_pil(image)
+        return _decode_with_pil(header.image)
     except (ImageTooLarge, InvalidImage):
         raise
     except Exception as exc:
         raise InvalidImage(f"The image is corrupt or truncated: {exc}") from None
+    finally:
+        # Frees PIL's copy of the pixels now: the caller's resize would otherwise run beside
+        # it (a 40 MP RGB image is 160 MB in PIL), and PIL's image files sit in reference
+        # cycles that only the garbage collector breaks.
+        header.image.close()
 
 
 def _decode_with_pil(image: Image.Image) -> torch.Tensor:
+    """PIL's decode, then RGB; each step makes a full-size copy only when it changes pixels
+    (a 40 MP PNG peaked at 687 MiB with the plain copies, most of it copies)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PIL warns on odd palettes/EXIF; they decode fine
         image.seek(0)  # first frame of an animation
         image.load()
-        image = ImageOps.exif_transpose(image)
+        ImageOps.exif_transpose(image, in_place=True)  # no copy when there is no orientation
         if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
             rgba = image.convert("RGBA")
             background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
             image = Image.alpha_composite(background, rgba)
-        image = image.convert("RGB")
-    array = np.asarray(image)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+            del rgba, background
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        # A read-only view of PIL's bytes; the permuted copy below is the tensor's own memory.
+        array = np.asarray(image)
+        del image
+        return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def resized_size(width: int, height: int, resize_size: int) -> tuple[int, int]:
+    """(width, height) after the short side is resized to ``resize_size``, as torchvision's
+    ``resize`` computes it: what :func:`resize_crop` allocates, in float32, before cropping."""
+    short, long = min(width, height), max(width, height)
+    if short == 0:
+        return width, height
+    new_long = int(resize_size * long / short)
+    return (resize_size, new_long) if width <= height else (new_long, resize_size)
+
+
+def check_resized(header: Header, spec: TransformSpec, max_pixels: int) -> int:
+    """The pixels the resize makes; an extreme aspect ratio (a 449-byte 30000x4 PNG resizes to
+    256x1920000: 12.8 GB and 23 s) is refused like an image over the limit."""
+    width, height = resized_size(header.width, header.height, spec.resize_size)
+    if width * height > max_pixels:
+        raise ImageTooLarge(
+            f"The image is {header.width}x{header.height}: resizing its short side to "
+            f"{spec.resize_size} would make {width}x{height} = {width * height} pixels; the "
+            f"limit is {max_pixels}. Its aspect ratio is too extreme.")
+    return width * height
 
 
 def resize_crop(image: torch.Tensor, spec: TransformSpec) -> torch.Tensor:
@@ -121,13 +207,21 @@ def resize_crop(image: torch.Tensor, spec: TransformSpec) -> torch.Tensor:
     return TF.center_crop(out, [spec.crop_size])
 
 
-def preprocess(data: bytes, spec: TransformSpec, max_pixels: int) -> torch.Tensor:
-    """Decode, resize and crop one image."""
-    return resize_crop(decode_image(data, max_pixels), spec)
+def preprocess(data: bytes, spec: TransformSpec, max_pixels: int,
+               budget: PixelBudget | None = None) -> torch.Tensor:
+    """Decode, resize and crop one image. With a ``budget``, its pixels (or its resized
+    pixels, if more) are reserved from the header's counts until the crop is made: the
+    full-size decode and the resize's float32 copy (~15 bytes per pixel together) are what a
+    replica's memory peaks on."""
+    header = read_header(data, max_pixels)
+    resized = check_resized(header, spec, max_pixels)
+    with (budget or _NO_BUDGET).reserve(max(header.pixels, resized)):
+        return resize_crop(decode_pixels(data, header), spec)
 
 
 def preprocess_many(images: Sequence[bytes], spec: TransformSpec, max_pixels: int,
-                    on_image: Callable[[float, Exception | None], None] | None = None) -> Crops:
+                    on_image: Callable[[float, Exception | None], None] | None = None,
+                    budget: PixelBudget | None = None) -> Crops:
     """The preprocessor's whole job: :func:`preprocess` each image; one bad image fails alone.
     ``on_image(seconds, error)`` hears of each image as it is done (the metrics)."""
     crops: list[torch.Tensor] = []
@@ -135,7 +229,7 @@ def preprocess_many(images: Sequence[bytes], spec: TransformSpec, max_pixels: in
     for data in images:
         started = time.perf_counter()
         try:
-            crops.append(preprocess(data, spec, max_pixels))
+            crops.append(preprocess(data, spec, max_pixels, budget))
             errors.append(None)
         except ClientError as exc:
             errors.append(exc)

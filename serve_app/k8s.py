@@ -51,7 +51,8 @@ METRICS_PORT = 8080
 POD_LABELS = {"app.kubernetes.io/name": "serve-app"}
 PODMONITOR_PATH = "k8s/podmonitor.yaml"
 HEAD_PORTS = {"gcs-server": 6379, "dashboard": 8265, "client": 10001, "serve": SERVE_PORT}
-# The rayproject/ray images run as user "ray" (uid 1000) in group "users" (gid 100).
+# The rayproject/ray images run as user "ray" (uid 1000) in group "users" (gid 100); the
+# Dockerfile says so (USER 1000:100) and bakes the weights and artifacts as that user.
 RAY_UID, RAY_GID = 1000, 100
 
 
@@ -353,7 +354,8 @@ AUTH_TOKEN_ENV = "SERVE_APP_API_TOKEN"
 
 
 def _env() -> list[dict[str, Any]]:
-    env: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in RAY_CLUSTER_ENV.items()]
+    env: list[dict[str, Any]] = [{"name": k, "value": v}
+                                 for k, v in {**RAY_CLUSTER_ENV, **WRITABLE_ENV}.items()]
     env.append({"name": AUTH_TOKEN_ENV,
                 "valueFrom": {"secretKeyRef": {"name": AUTH_SECRET, "key": "token"}}})
     return env
@@ -363,19 +365,82 @@ def _memory(mib: int) -> str:
     return f"{mib // 1024}Gi" if mib % 1024 == 0 else f"{mib}Mi"
 
 
+# ------------------------------------------------------------------- pod security ---
+#
+# Every container runs as the image's non-root user with a read-only root filesystem, no
+# privilege escalation, no capabilities and the runtime's default seccomp profile (the
+# Kubernetes "restricted" Pod Security Standard). What Ray and serve_app write at run time goes
+# to emptyDir volumes instead:
+#
+# * /tmp (node disk): Ray's session directory /tmp/ray (logs, Unix sockets, runtime envs,
+#   objects spilled when the store is full), HAProxy's /tmp/haproxy-serve (its config, admin
+#   and metrics sockets, server state), AOTInductor's extraction of a compiled model's .pt2
+#   package (~20 MB with its .so, at every classifier start: it must allow exec, as emptyDir
+#   does), torch Inductor's cache and g++'s temporary files while a replica builds an artifact,
+#   and CUDA's JIT cache (CUDA_CACHE_PATH below; ~/.nv by default). No sizeLimit: spilled
+#   objects and logs grow with traffic, and the kubelet evicts a pod whose emptyDir outgrows
+#   its limit rather than fail one write; it is node ephemeral storage, as the container's
+#   writable layer was.
+# * /dev/shm (memory): the object store (see _pod).
+# * ARTIFACT_DIR (node disk), only where compiled classifiers run: a copy of the artifacts the
+#   image bakes, made by an init container, so a replica on a CPU the image was not built for
+#   can build and install its own there (serve_app/artifacts.py) instead of serving eager.
+#
+# HOME (/home/ray) stays read-only: $TORCH_HOME's weights and the artifacts are only read;
+# ~/.ray/auth_token is written only by a ray.init() that starts a new local cluster, never in
+# these pods (KubeRay's authOptions passes Ray's token as the RAY_AUTH_TOKEN variable).
+
+#: Where the Dockerfile bakes compiled artifacts (its ENV SERVE_APP_ARTIFACT_DIR; k8s check
+#: holds the two equal) and where pods mount their writable copy.
+ARTIFACT_DIR = "/home/ray/serve_app_artifacts"
+ARTIFACT_SEED_MOUNT = "/mnt/serve_app_artifacts"
+#: Paths under HOME that something writes to, redirected to the writable /tmp.
+WRITABLE_ENV = {"CUDA_CACHE_PATH": "/tmp/cuda-cache"}
+#: What each container's securityContext must hold (after the pod's defaults apply).
+CONTAINER_SECURITY: dict[str, Any] = {
+    "runAsNonRoot": True, "runAsUser": RAY_UID, "runAsGroup": RAY_GID,
+    "readOnlyRootFilesystem": True, "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}
+#: The pod's defaults, for containers KubeRay or someone else adds without their own.
+POD_SECURITY: dict[str, Any] = {
+    "runAsNonRoot": True, "runAsUser": RAY_UID, "runAsGroup": RAY_GID, "fsGroup": RAY_GID,
+    "seccompProfile": {"type": "RuntimeDefault"}}
+# The init container that copies the baked artifacts: KubeRay's own init container's size,
+# requests = limits so the pod stays Guaranteed (its request is the max of this and the rest).
+SEED_RESOURCES = {"cpu": "200m", "memory": "256Mi"}
+AUTOSCALER_TMP = "autoscaler-tmp"
+
+
 def _container_security() -> dict[str, Any]:
-    return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
-            "runAsNonRoot": True}
+    return copy.deepcopy(CONTAINER_SECURITY)
+
+
+def _tmp_volume(name: str = "tmp") -> dict[str, Any]:
+    return {"name": name, "emptyDir": {}}
+
+
+def _artifact_seed(image: str) -> dict[str, Any]:
+    """The init container that fills the writable artifact volume with the image's artifacts
+    (a volume hides what the image has at its mount path). A missing directory is not fatal:
+    replicas then build their own, as on a CPU the image was not built for."""
+    copy_cmd = (f'cp -R -p {ARTIFACT_DIR}/. {ARTIFACT_SEED_MOUNT}/ || echo "no artifacts '
+                f'baked at {ARTIFACT_DIR}: classifier replicas build their own"')
+    return {"name": "seed-artifacts", "image": image, "imagePullPolicy": "IfNotPresent",
+            "command": ["/bin/sh", "-c", copy_cmd],
+            "resources": {"requests": dict(SEED_RESOURCES), "limits": dict(SEED_RESOURCES)},
+            "securityContext": _container_security(),
+            "volumeMounts": [{"name": "artifacts", "mountPath": ARTIFACT_SEED_MOUNT}]}
 
 
 def _pod(group: GroupPlan, image: str, container: str, ports: dict[str, int],
-         extra: dict[str, Any] | None = None) -> dict[str, Any]:
+         extra: dict[str, Any] | None = None, artifacts: bool = False,
+         volumes: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     resources = {"cpu": _cpu(group.cpus), "memory": _memory(group.memory_mib)}
     if group.gpus:
         resources[GPU_RESOURCE] = group.gpus
+    mounts = [{"name": "dshm", "mountPath": "/dev/shm"}, {"name": "tmp", "mountPath": "/tmp"}]
     spec: dict[str, Any] = {
-        "securityContext": {"runAsNonRoot": True, "runAsUser": RAY_UID, "runAsGroup": RAY_GID,
-                            "fsGroup": RAY_GID, "seccompProfile": {"type": "RuntimeDefault"}},
+        "securityContext": copy.deepcopy(POD_SECURITY),
         "containers": [{
             "name": container,
             "image": image,
@@ -384,19 +449,34 @@ def _pod(group: GroupPlan, image: str, container: str, ports: dict[str, int],
             "ports": [{"name": n, "containerPort": p} for n, p in ports.items()],
             "resources": {"requests": dict(resources), "limits": dict(resources)},
             "securityContext": _container_security(),
-            "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
+            "volumeMounts": mounts + ([{"name": "artifacts", "mountPath": ARTIFACT_DIR}]
+                                      if artifacts else []),
         }],
         # The object store lives in /dev/shm (the container runtime's default is 64 MiB);
-        # Ray falls back to slow /tmp unless /dev/shm has object-store-memory free, so it gets
-        # the store rounded up. Pages count against the pod's memory only once written.
+        # Ray falls back to slow /tmp unless /dev/shm has object-store-memory free
+        # (services.determine_plasma_store_config), so it gets the store rounded up to the
+        # 256 MiB step: the rest is headroom for the few small files besides (multiprocessing
+        # semaphores). Its pages count against the container's memory limit once written,
+        # which budgets for the store (plan()), so the limit also keeps it within that budget.
         "volumes": [{"name": "dshm", "emptyDir": {
-            "medium": "Memory", "sizeLimit": _memory(_round_up(group.object_store_mib))}}],
+            "medium": "Memory", "sizeLimit": _memory(_round_up(group.object_store_mib))}},
+            _tmp_volume(), *(volumes or [])] + (
+            [{"name": "artifacts", "emptyDir": {}}] if artifacts else []),
     }
+    if artifacts:
+        spec["initContainers"] = [_artifact_seed(image)]
     spec.update(extra or {})
     return {"metadata": {"labels": dict(POD_LABELS), "annotations": {
                 "prometheus.io/scrape": "true", "prometheus.io/port": str(METRICS_PORT),
                 "prometheus.io/path": "/metrics"}},
             "spec": spec}
+
+
+def artifact_groups(variant: Variant, config: dict[str, Any]) -> set[str]:
+    """The worker groups whose classifiers load (and may build) compiled artifacts."""
+    if not (_args(config).get("model") or {}).get("compile"):
+        return set()
+    return {group_on(r, variant.gpu_group) for r in replicas(config) if r.name == "Classifier"}
 
 
 def _cpu(cpus: float) -> str:
@@ -411,6 +491,7 @@ def manifest(variant: Variant, root: Path = ROOT, image: str | None = None) -> d
     image = image or default_image(root)
     port = (config.get("http_options") or {}).get("port", SERVE_PORT)
     head_ports = dict(HEAD_PORTS, serve=port, metrics=METRICS_PORT)
+    compiled = artifact_groups(variant, config)
     workers = []
     for g in groups:
         extra = None
@@ -426,7 +507,7 @@ def manifest(variant: Variant, root: Path = ROOT, image: str | None = None) -> d
             "rayStartParams": {"object-store-memory": str(g.object_store_mib * MIB),
                                "metrics-export-port": str(METRICS_PORT)},
             "template": _pod(g, image, "ray-worker", {"serve": port, "metrics": METRICS_PORT},
-                             extra),
+                             extra, artifacts=g.name in compiled),
         })
     name = "serve-app" if variant.name == "gpu" else f"serve-app-{variant.name}"
     return {
@@ -450,13 +531,18 @@ def manifest(variant: Variant, root: Path = ROOT, image: str | None = None) -> d
                     "imagePullPolicy": "IfNotPresent",
                     "resources": {"requests": dict(AUTOSCALER_RESOURCES),
                                   "limits": dict(AUTOSCALER_RESOURCES)},
+                    # The sidecar runs in the head pod with the head's image: hardened the
+                    # same way, with a /tmp of its own (KubeRay mounts its log volume at
+                    # /tmp/ray, shared with the head, over it).
                     "securityContext": _container_security(),
+                    "volumeMounts": [{"name": AUTOSCALER_TMP, "mountPath": "/tmp"}],
                 },
                 "headGroupSpec": {
                     "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0",
                                        "object-store-memory": str(head.object_store_mib * MIB),
                                        "metrics-export-port": str(METRICS_PORT)},
-                    "template": _pod(head, image, "ray-head", head_ports),
+                    "template": _pod(head, image, "ray-head", head_ports,
+                                     volumes=[_tmp_volume(AUTOSCALER_TMP)]),
                 },
                 "workerGroupSpecs": workers,
             },
@@ -642,9 +728,122 @@ def artifact_errors(dockerfile_text: str, config: str) -> list[str]:
         errors.append(f"{config} serves a compiled model (model.compile: true) but the "
                       f"Dockerfile does not bake its artifact: add `RUN python -m serve_app "
                       f"compile {config}`")
-    if not re.search(r"^ENV\b[^#]*\bSERVE_APP_ARTIFACT_DIR=", dockerfile_text, re.M | re.S):
+    baked = re.search(r"^ENV\b[^#]*?\bSERVE_APP_ARTIFACT_DIR=(\S+)", dockerfile_text,
+                      re.M | re.S)
+    if not baked:
         errors.append("the Dockerfile does not set ENV SERVE_APP_ARTIFACT_DIR: baked artifacts "
                       "would land in the build user's home cache, not where pods look")
+    elif baked.group(1) != ARTIFACT_DIR:
+        errors.append(f"the Dockerfile's SERVE_APP_ARTIFACT_DIR is {baked.group(1)}, but pods "
+                      f"copy baked artifacts from and mount their writable copy at "
+                      f"{ARTIFACT_DIR} (serve_app/k8s.py ARTIFACT_DIR): make them agree")
+    return errors
+
+
+def dockerfile_user_errors(dockerfile_text: str) -> list[str]:
+    """The image's user must be the one the pods run as: the files it bakes (weights,
+    artifacts) are then that user's, and nothing relies on root at build or run time."""
+    users = re.findall(r"^USER\s+(\S+)", dockerfile_text, re.M)
+    expected = {str(RAY_UID), f"{RAY_UID}:{RAY_GID}", "ray", "ray:users"}
+    if users and users[-1] not in expected:
+        return [f"the Dockerfile's last USER is {users[-1]}, not {RAY_UID}:{RAY_GID}, the "
+                "user the pods run as (runAsUser/runAsGroup)"]
+    return []
+
+
+# ------------------------------------------------------------------ checking security ---
+
+
+def _security_problems(effective: dict[str, Any]) -> list[str]:
+    """What ``effective`` (a container's securityContext over its pod's) lacks of
+    :data:`CONTAINER_SECURITY`; ``privileged`` and added capabilities are refused outright."""
+    problems = []
+    for key, want in CONTAINER_SECURITY.items():
+        have = effective.get(key)
+        if key == "capabilities":
+            if "ALL" not in ((have or {}).get("drop") or []):
+                problems.append(f"capabilities.drop must include ALL (found {have})")
+            if (have or {}).get("add"):
+                problems.append(f"capabilities.add must be empty (found {have['add']})")
+        elif have != want:
+            problems.append(f"{key} must be {want} (found {have})")
+    if effective.get("privileged"):
+        problems.append("privileged must not be true")
+    return problems
+
+
+def _effective_security(pod: dict[str, Any], container: dict[str, Any]) -> dict[str, Any]:
+    """A container's securityContext as Kubernetes applies it: its own fields over the pod's."""
+    pod_sc = pod.get("securityContext") or {}
+    inherited = {k: pod_sc[k] for k in ("runAsNonRoot", "runAsUser", "runAsGroup",
+                                        "seccompProfile") if k in pod_sc}
+    return {**inherited, **(container.get("securityContext") or {})}
+
+
+def _writable_mount(pod: dict[str, Any], container: dict[str, Any], path: str
+                    ) -> dict[str, Any] | None:
+    """The emptyDir ``container`` mounts read-write at ``path`` (None: none there)."""
+    volumes = {v["name"]: v for v in pod.get("volumes") or []}
+    for m in container.get("volumeMounts") or []:
+        if m.get("mountPath") == path and not m.get("readOnly"):
+            empty = (volumes.get(m.get("name")) or {}).get("emptyDir")
+            if empty is not None:
+                return {**empty, "name": m["name"]}
+    return None
+
+
+def _seeded(pod: dict[str, Any], ray: dict[str, Any]) -> bool:
+    """``ray`` has a writable ARTIFACT_DIR that one of the pod's init containers fills."""
+    volume = _writable_mount(pod, ray, ARTIFACT_DIR)
+    return volume is not None and any(
+        (_writable_mount(pod, c, ARTIFACT_SEED_MOUNT) or {}).get("name") == volume["name"]
+        for c in pod.get("initContainers") or [])
+
+
+def security_errors(doc: dict[str, Any], compiled_groups: Iterable[str] = ()) -> list[str]:
+    """Every container (Ray's, init containers, the autoscaler) non-root, read-only root
+    filesystem, no privilege escalation, no capabilities, RuntimeDefault seccomp; Ray's
+    containers with writable /tmp; where classifiers run compiled, a writable artifact dir
+    seeded from the image. Each error names the group/container and the setting."""
+    errors: list[str] = []
+    cluster, compiled = doc["spec"]["rayClusterConfig"], set(compiled_groups)
+    for name, pod, ray in _containers(doc):
+        pod_sc = pod.get("securityContext") or {}
+        for key, want in POD_SECURITY.items():
+            if pod_sc.get(key) != want:
+                errors.append(f"{name}: pod securityContext.{key} must be {want} "
+                              f"(found {pod_sc.get(key)})")
+        containers = [(c, "") for c in pod.get("containers") or []] + [
+            (c, " (init)") for c in pod.get("initContainers") or []]
+        for c, kind in containers:
+            errors += [f"{name}/{c.get('name')}{kind}: securityContext.{p}"
+                       for p in _security_problems(_effective_security(pod, c))]
+        where = f"{name}/{ray.get('name')}"
+        tmp = _writable_mount(pod, ray, "/tmp")
+        if tmp is None or tmp.get("medium") == "Memory":
+            errors.append(f"{where}: the root filesystem is read-only, so /tmp must be a "
+                          "writable disk emptyDir (Ray's /tmp/ray, HAProxy's /tmp/haproxy-serve,"
+                          " AOTInductor's extracted packages)")
+        env = {e.get("name"): e.get("value") for e in ray.get("env") or []}
+        for var, path in WRITABLE_ENV.items():
+            if env.get(var) != path:
+                errors.append(f"{where}: env {var} must be {path} (on the writable /tmp; its "
+                              f"default is under the read-only HOME)")
+        if name in compiled and not _seeded(pod, ray):
+            errors.append(f"{where}: compiled classifiers run here, so {ARTIFACT_DIR} must be "
+                          f"a writable emptyDir that an init container fills with the image's "
+                          f"artifacts (mounted at {ARTIFACT_SEED_MOUNT}): a replica on another "
+                          "CPU builds its own there")
+    head = cluster["headGroupSpec"]["template"]["spec"]
+    auto = cluster.get("autoscalerOptions") or {}
+    if cluster.get("enableInTreeAutoscaling"):
+        sidecar = {"name": "autoscaler", "securityContext": auto.get("securityContext"),
+                   "volumeMounts": auto.get("volumeMounts")}
+        errors += [f"head/autoscaler: autoscalerOptions.securityContext.{p}"
+                   for p in _security_problems(_effective_security(head, sidecar))]
+        if _writable_mount(head, sidecar, "/tmp") is None:
+            errors.append("head/autoscaler: autoscalerOptions.volumeMounts must mount a "
+                          "writable emptyDir of the head pod at /tmp (read-only root filesystem)")
     return errors
 
 
@@ -698,6 +897,12 @@ def consistency_errors(doc: dict[str, Any], variant: Variant, root: Path = ROOT)
                       "g++ in the image; the Dockerfile does not apt-get install it")
     if model.get("compile"):
         errors += artifact_errors(dockerfile_text, variant.config)
+    errors += dockerfile_user_errors(dockerfile_text)
+    try:
+        compiled = artifact_groups(variant, config)
+    except ValueError:  # a deployment without num_cpus: reported below
+        compiled = set()
+    errors += security_errors(doc, compiled)
     classifier = deployment_options(config["applications"][0], "Classifier")
     measured = (model.get("name"), bool(model.get("compile", False)),
                 settings.get("max_image_pixels"),
@@ -729,8 +934,6 @@ def consistency_errors(doc: dict[str, Any], variant: Variant, root: Path = ROOT)
         for key in ("cpu", "memory"):
             if key not in limits or quantity(requests.get(key, -1)) != quantity(limits[key]):
                 errors.append(f"{name}: {key} requests must equal limits (Guaranteed QoS)")
-        if not (pod.get("securityContext") or {}).get("runAsNonRoot"):
-            errors.append(f"{name}: pod securityContext must set runAsNonRoot")
         secret = next((e["valueFrom"]["secretKeyRef"] for e in container.get("env") or []
                        if e.get("name") == AUTH_TOKEN_ENV and "valueFrom" in e), None)
         if secret != {"name": AUTH_SECRET, "key": "token"}:

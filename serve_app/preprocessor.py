@@ -10,6 +10,7 @@ from ray import serve
 
 from serve_app import imaging
 from serve_app.metrics import PreprocessorMetrics
+from serve_app.pixel_budget import PixelBudget
 from serve_app.runtime import configure_torch_threads
 from serve_app.topology import FEEDS
 
@@ -39,11 +40,16 @@ class Preprocessor:
     """
 
     def __init__(self, transform: imaging.TransformSpec, max_image_pixels: int,
-                 log_requests: bool = False, feeds: tuple[str, ...] = ()):
-        """``feeds``: the classifier deployments this one prepares images for."""
+                 log_requests: bool = False, feeds: tuple[str, ...] = (),
+                 max_decoding_pixels: Optional[int] = None):
+        """``feeds``: the classifier deployments this one prepares images for.
+        ``max_decoding_pixels``: the pixels decoded at once in this replica, across the
+        concurrent calls Ray runs in its thread pool (``AppConfig.decode_budget_pixels``);
+        ``None``: no bound."""
         self.transform = transform
         self.feeds = feeds
         self.max_image_pixels = max_image_pixels
+        self.budget = PixelBudget(max_decoding_pixels)
         self.log_requests = log_requests
         self.metrics = PreprocessorMetrics()
         configure_torch_threads()
@@ -56,7 +62,7 @@ class Preprocessor:
                  request_ids: Optional[list[str]] = None) -> imaging.Crops:
         started = time.perf_counter()
         crops = imaging.preprocess_many(images, self.transform, self.max_image_pixels,
-                                        self.metrics.image)
+                                        self.metrics.image, self.budget)
         if self.log_requests:
             ids = request_ids or []
             logger.info("request_ids=%s preprocessed %d images (%d failed) in %.1f ms",

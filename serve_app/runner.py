@@ -9,6 +9,10 @@ SIGTERM / Ctrl-C behaviour, and ``http://127.0.0.1:METRICS_PORT/metrics`` for Pr
 
 With ``RAY_ADDRESS`` naming a running cluster there is nothing to start: the cluster's own
 metrics port applies, and this is plain ``serve run``.
+
+In HAProxy mode the cluster it starts runs HAProxy through serve_app's wrapper, so HAProxy's
+own 502/503/504 reach clients as JSON with their status, not Ray's plain 500
+(serve_app/haproxy_errors.py).
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
+from pathlib import Path
 
 #: The documented port of ``make run``'s metrics endpoint (Ray's docs use it for the same).
 METRICS_PORT = 8080
@@ -23,6 +29,16 @@ METRICS_PORT = 8080
 
 def starts_own_cluster(address: str | None) -> bool:
     return address in (None, "", "local")
+
+
+def use_json_error_pages(env) -> None:
+    """In HAProxy mode, unless the caller chose a binary: HAProxy through the wrapper (the
+    cluster's processes inherit ``env``)."""
+    from serve_app import haproxy_errors
+
+    if env.get("RAY_SERVE_ENABLE_HA_PROXY") == "1" and not env.get(haproxy_errors.BINARY_ENV):
+        directory = Path(tempfile.gettempdir()) / "serve_app_haproxy"
+        env[haproxy_errors.BINARY_ENV] = str(haproxy_errors.install(directory))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
 
     address = os.environ.get("RAY_ADDRESS")
     if starts_own_cluster(address):
+        use_json_error_pages(os.environ)
         kwargs = {"_temp_dir": args.ray_temp_dir} if args.ray_temp_dir else {}
         if args.num_cpus is not None:
             kwargs["num_cpus"] = args.num_cpus

@@ -260,3 +260,70 @@ def test_bearer_token_auth(monkeypatch):
 def test_auth_without_its_token_fails_at_start_naming_the_setting(monkeypatch):
     with pytest.raises(RuntimeError, match="args.auth.token_env names 'SERVE_APP_API_TOKEN'"):
         _app_with_auth(monkeypatch, None)
+
+
+def test_a_lost_replica_is_a_retryable_503_and_the_model_refuses_at_once_until_one_answers():
+    """The classifier's replica dies mid-call (Ray's ActorDiedError): that request gets 503
+    replica_lost; the probe finds no replica, so the next requests get 503 not_ready without
+    reaching the classifier; once ``ready`` answers again, requests are served."""
+    import asyncio
+
+    import httpx
+    from ray.exceptions import ActorDiedError
+
+    class Dying(FakeClassifier):
+        def __init__(self):
+            super().__init__()
+            self.dead = True
+            self.classify = _Remote(self._maybe_die)
+            self.ready = self
+
+        def _maybe_die(self, *args):
+            if self.dead:
+                raise ActorDiedError()
+            return self._classify(*args)
+
+        def remote(self):  # classifier.ready.remote(): hangs while no replica is up
+            async def call():
+                while self.dead:
+                    await asyncio.sleep(0.01)
+                return True
+            return call()
+
+    class Preprocessor(FakePreprocessor):
+        def remote(self, images, request_ids):
+            if not images:  # the probe's empty call is awaited
+                async def empty():
+                    return images
+                return empty()
+            return images
+
+    async def scenario():
+        settings = parse_app_config({"readiness_timeout_s": 0.05, "replica_probe_interval_s": 0.02})
+        route, = topology.plan(settings)
+        dying = Dying()
+        gw = Gateway({route.name: ModelHandles(route.info.as_dict(), Preprocessor(), dying,
+                                               route.classifier)}, settings, FakeMetrics())
+        transport = httpx.ASGITransport(app=api.build_app(gw))
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            post = lambda: c.post("/v1/classify", content=b"1234",  # noqa: E731
+                                  headers={"Content-Type": "image/jpeg"})
+            lost = await post()
+            await asyncio.sleep(0.2)
+            calls = len(dying.calls)
+            refused = await post()
+            v2 = await c.post(f"/v2/models/{LITE0}/infer", json={"inputs": [{
+                "name": "images", "datatype": "BYTES", "shape": [1], "data": ["YQ=="]}]})
+            untouched = len(dying.calls) == calls
+            dying.dead = False
+            await asyncio.sleep(0.2)
+            served = await post()
+        return lost, refused, v2, untouched, served
+
+    lost, refused, v2, untouched, served = asyncio.run(scenario())
+    assert lost.status_code == 503 and lost.json()["error"]["code"] == "replica_lost"
+    assert lost.headers["retry-after"] == "1"
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "not_ready"
+    assert refused.headers["retry-after"] == "1" and untouched
+    assert v2.status_code == 503 and set(v2.json()) == {"error"}
+    assert served.status_code == 200

@@ -186,3 +186,30 @@ def test_requests_that_gave_up_do_not_fill_the_queue():
         down.release.set()
         assert await asyncio.gather(first, kept) == [0, 20]
     run(scenario())
+
+
+def test_fail_pending_fails_the_waiting_items_and_lets_the_calls_in_flight_finish():
+    import asyncio
+
+    from serve_app.batching import CallBatcher
+
+    async def scenario():
+        release = asyncio.Event()
+
+        async def call(items):
+            await release.wait()
+            return items
+
+        b = CallBatcher(call, max_batch_size=1, max_in_flight=1)
+        running = asyncio.ensure_future(b.submit("a"))
+        waiting = [asyncio.ensure_future(b.submit(x)) for x in "bc"]
+        await asyncio.sleep(0.01)
+        failed = b.fail_pending(RuntimeError("down"))
+        release.set()
+        results = await asyncio.gather(running, *waiting, return_exceptions=True)
+        return failed, results, b.queued
+
+    failed, results, queued = asyncio.run(scenario())
+    assert failed == 2 and queued == 0
+    assert results[0] == "a"
+    assert all(isinstance(r, RuntimeError) and str(r) == "down" for r in results[1:])

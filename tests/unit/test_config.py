@@ -214,3 +214,16 @@ def test_each_cluster_gets_its_own_block_of_replica_ports():
         assert again.index <= index  # a released block is handed out again
     finally:
         again.release()
+
+
+def test_the_health_checks_forward_must_time_out_before_rays_whole_check():
+    data = _local_config()  # Classifier: health_check_timeout_s 10, forward timeout 5
+    classifier = configfile.deployment_options(data["applications"][0], "Classifier")
+    assert classifier["health_check_timeout_s"] == 10 and classifier["health_check_period_s"] == 5
+    configfile.check(data)
+    classifier["user_config"]["health_check_forward_timeout_s"] = 10
+    with pytest.raises(ConfigError, match=r"health_check_forward_timeout_s \(10.0\) must be "
+                                          r"under the deployment's health_check_timeout_s \(10\)"):
+        configfile.check(data)
+    del classifier["health_check_timeout_s"]  # Ray's default, 30 s
+    configfile.check(data)

@@ -186,14 +186,14 @@ def test_preprocess_many_stacks_the_good_and_keeps_each_error(cat):
 def test_preprocess_many_isolates_an_unexpected_failure(cat, monkeypatch):
     spec = TransformSpec(resize_size=64, crop_size=56, mean=(0.5,) * 3, std=(0.5,) * 3)
     good = _encode(cat, "PNG")
-    real = imaging.decode_image
+    real = imaging.read_header
 
     def flaky(data, max_pixels):
         if data == b"boom":
             raise KeyError("decoder bug")
         return real(data, max_pixels)
 
-    monkeypatch.setattr(imaging, "decode_image", flaky)
+    monkeypatch.setattr(imaging, "read_header", flaky)
     crops = imaging.preprocess_many([b"boom", good], spec, MAX_PIXELS)
     assert crops.pixels.shape[0] == 1 and crops.errors[1] is None
     assert isinstance(crops.errors[0], RuntimeError) and "KeyError" in str(crops.errors[0])

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -120,7 +122,8 @@ def test_every_pod_runs_ray_with_serve_apps_cluster_env(variant):
                for e in ray_container(group).get("env", [])}
         token = env.pop("SERVE_APP_API_TOKEN")
         assert token == {"secretKeyRef": {"name": "serve-app-api-token", "key": "token"}}
-        assert env == RAY_CLUSTER_ENV and env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+        assert env == {**RAY_CLUSTER_ENV, **k8s.WRITABLE_ENV}
+        assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
 
 
 def test_gpu_manifest_shape():
@@ -189,6 +192,219 @@ def test_inconsistencies_are_reported(mutate, expected):
     mutate(d)
     errors = k8s.consistency_errors(d, GPU)
     assert any(expected in e for e in errors), errors
+
+
+# ---- pod security -------------------------------------------------------------------------
+
+
+def _all_containers(d: dict) -> list[tuple[str, dict, dict]]:
+    """(where, pod spec, container) for every container of every group, init ones included."""
+    out = []
+    for name, pod, _ in k8s._containers(d):
+        for c in pod.get("containers", []) + pod.get("initContainers", []):
+            out.append((f"{name}/{c['name']}", pod, c))
+    return out
+
+
+@pytest.mark.parametrize("variant", k8s.VARIANTS, ids=lambda v: v.name)
+def test_every_container_is_non_root_read_only_and_unprivileged(variant):
+    d = doc(variant)
+    assert k8s.security_errors(d, k8s.artifact_groups(variant, k8s.serve_config(variant))) == []
+    cluster = d["spec"]["rayClusterConfig"]
+    sidecar = cluster["autoscalerOptions"]["securityContext"]
+    for where, pod, c in _all_containers(d):
+        sc = c["securityContext"]
+        assert (sc["runAsNonRoot"], sc["runAsUser"], sc["runAsGroup"]) == (True, 1000, 100), where
+        assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+        assert sc["capabilities"] == {"drop": ["ALL"]} and "add" not in sc["capabilities"]
+        assert sc["seccompProfile"] == {"type": "RuntimeDefault"} and sc == sidecar
+        assert pod["securityContext"]["fsGroup"] == 100 and pod["securityContext"]["runAsNonRoot"]
+    for name, pod, ray in k8s._containers(d):
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        mounts = {m["mountPath"]: volumes[m["name"]]["emptyDir"] for m in ray["volumeMounts"]}
+        assert mounts["/tmp"] == {} and mounts["/dev/shm"]["medium"] == "Memory", name
+    head = cluster["headGroupSpec"]["template"]["spec"]
+    [mount] = cluster["autoscalerOptions"]["volumeMounts"]
+    assert mount["mountPath"] == "/tmp" and mount["name"] in {v["name"] for v in head["volumes"]}
+
+
+def test_the_image_runs_as_the_user_the_pods_run_as():
+    text = (ROOT / "Dockerfile").read_text()
+    assert "\nUSER 1000:100\n" in text and "--chown=1000:100" in text
+    assert k8s.dockerfile_user_errors(text) == []
+    assert k8s.dockerfile_user_errors(text + "USER root\n")
+    assert k8s.dockerfile_user_errors(text.replace("USER 1000:100", "USER 0"))
+    assert re.search(rf"SERVE_APP_ARTIFACT_DIR={k8s.ARTIFACT_DIR}\b", text)
+
+
+def test_ray_and_haproxy_write_under_tmp(monkeypatch):
+    """The writable /tmp covers what Ray 2.60 writes by default: if Ray moves a path, the pods
+    need a volume there too."""
+    from ray._common.utils import get_default_ray_temp_dir
+    from ray.serve._private import constants
+
+    monkeypatch.delenv("RAY_TMPDIR", raising=False)
+    monkeypatch.delenv("TMPDIR", raising=False)
+    assert get_default_ray_temp_dir() == "/tmp/ray"
+    for name in ("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC", "RAY_SERVE_HAPROXY_SOCKET_PATH",
+                 "RAY_SERVE_HAPROXY_SERVER_STATE_BASE", "RAY_SERVE_HAPROXY_SERVER_STATE_FILE",
+                 "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH"):
+        if name not in os.environ:
+            assert getattr(constants, name).startswith("/tmp/haproxy-serve"), name
+    assert all(path.startswith("/tmp/") for path in k8s.WRITABLE_ENV.values())
+
+
+def test_compiled_classifiers_get_a_writable_copy_of_the_baked_artifacts(tmp_path):
+    """Only the CPU variant compiles (configs/local.yaml), on its cpu group: the seeding init
+    container's command copies the image's artifacts, and tolerates an image without them."""
+    assert k8s.artifact_groups(GPU, k8s.serve_config(GPU)) == set()
+    assert k8s.artifact_groups(CPU, k8s.serve_config(CPU)) == {"cpu"}
+    assert "initContainers" not in pod_of(doc(GPU), "cpu")
+    [seed] = pod_of(doc(CPU), "cpu")["initContainers"]
+    mounts = {m["mountPath"]: m["name"] for m in ray_container(worker(doc(CPU), "cpu"))["volumeMounts"]}
+    assert mounts[k8s.ARTIFACT_DIR] == seed["volumeMounts"][0]["name"] == "artifacts"
+    baked, copy_to = tmp_path / "baked", tmp_path / "copy"
+    baked.mkdir(), copy_to.mkdir()
+    (baked / "efficientnet_lite0-0123.pt2").write_bytes(b"package")
+    (baked / ".build-x").mkdir()
+    command = [part.replace(k8s.ARTIFACT_DIR, str(baked)).replace(k8s.ARTIFACT_SEED_MOUNT, str(copy_to))
+               for part in seed["command"]]
+    subprocess.run(command, check=True)
+    assert (copy_to / "efficientnet_lite0-0123.pt2").read_bytes() == b"package"
+    shutil.rmtree(baked)
+    result = subprocess.run(command, check=True, capture_output=True, text=True)
+    assert "replicas build their own" in result.stdout
+
+
+def pod_of(d: dict, group: str) -> dict:
+    return worker(d, group)["template"]["spec"]
+
+
+_CPU_SPEC = (*_CPU_POD, "template", "spec")
+_CPU_RAY_SC = (*_CPU_SPEC, "containers", 0, "securityContext")
+_AUTOSCALER = (*_CLUSTER, "autoscalerOptions")
+_HEAD_SPEC = (*_CLUSTER, "headGroupSpec", "template", "spec")
+
+
+def _both(key, value=_DELETE):
+    """``key`` broken in the cpu group's pod and in its Ray container (one would cover the other)."""
+    def apply(d):
+        _break((*_CPU_SPEC, "securityContext", key), value)(d)
+        _break((*_CPU_RAY_SC, key), value)(d)
+    return apply
+
+
+@pytest.mark.parametrize("variant", k8s.VARIANTS, ids=lambda v: v.name)
+@pytest.mark.parametrize("mutate,expected", [
+    # each container setting, absent or wrong, on the Ray container of a worker group
+    (_break((*_CPU_RAY_SC, "readOnlyRootFilesystem"), _DELETE),
+     "cpu/ray-worker: securityContext.readOnlyRootFilesystem must be True (found None)"),
+    (_break((*_CPU_RAY_SC, "readOnlyRootFilesystem"), False),
+     "cpu/ray-worker: securityContext.readOnlyRootFilesystem must be True (found False)"),
+    (_break((*_CPU_RAY_SC, "allowPrivilegeEscalation"), _DELETE),
+     "cpu/ray-worker: securityContext.allowPrivilegeEscalation must be False"),
+    (_break((*_CPU_RAY_SC, "allowPrivilegeEscalation"), True),
+     "cpu/ray-worker: securityContext.allowPrivilegeEscalation must be False (found True)"),
+    (_break((*_CPU_RAY_SC, "capabilities"), _DELETE),
+     "cpu/ray-worker: securityContext.capabilities.drop must include ALL"),
+    (_break((*_CPU_RAY_SC, "capabilities"), {"drop": ["NET_RAW"]}),
+     "cpu/ray-worker: securityContext.capabilities.drop must include ALL"),
+    (_break((*_CPU_RAY_SC, "capabilities"), {"drop": ["ALL"], "add": ["SYS_ADMIN"]}),
+     "cpu/ray-worker: securityContext.capabilities.add must be empty"),
+    (_break((*_CPU_RAY_SC, "privileged"), True), "cpu/ray-worker: securityContext.privileged"),
+    # the container's own value wins over the pod's
+    (_break((*_CPU_RAY_SC, "runAsUser"), 0),
+     "cpu/ray-worker: securityContext.runAsUser must be 1000 (found 0)"),
+    (_break((*_CPU_RAY_SC, "runAsNonRoot"), False),
+     "cpu/ray-worker: securityContext.runAsNonRoot must be True (found False)"),
+    (_break((*_CPU_RAY_SC, "seccompProfile"), {"type": "Unconfined"}),
+     "cpu/ray-worker: securityContext.seccompProfile must be {'type': 'RuntimeDefault'}"),
+    # set on neither the container nor the pod
+    (_both("runAsNonRoot"), "cpu/ray-worker: securityContext.runAsNonRoot must be True (found None)"),
+    (_both("runAsUser"), "cpu/ray-worker: securityContext.runAsUser must be 1000 (found None)"),
+    (_both("runAsGroup"), "cpu/ray-worker: securityContext.runAsGroup must be 100 (found None)"),
+    (_both("seccompProfile"), "cpu/ray-worker: securityContext.seccompProfile must be"),
+    # the pod's defaults, for containers added without their own
+    (_break((*_CPU_SPEC, "securityContext", "fsGroup"), _DELETE),
+     "cpu: pod securityContext.fsGroup must be 100 (found None)"),
+    (_break((*_CPU_SPEC, "securityContext", "runAsUser"), 0),
+     "cpu: pod securityContext.runAsUser must be 1000 (found 0)"),
+    (_break((*_HEAD_SPEC, "securityContext", "seccompProfile"), _DELETE),
+     "head: pod securityContext.seccompProfile"),
+    (_break((*_HEAD_SPEC, "containers", 0, "securityContext"), _DELETE),
+     "head/ray-head: securityContext.readOnlyRootFilesystem must be True"),
+    # the writable paths
+    (_break((*_CPU_SPEC, "volumes"), [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "2Gi"}}]),
+     "cpu/ray-worker: the root filesystem is read-only, so /tmp must be a writable disk emptyDir"),
+    (_break((*_CPU_SPEC, "containers", 0, "volumeMounts"), [{"name": "dshm", "mountPath": "/dev/shm"}]),
+     "cpu/ray-worker: the root filesystem is read-only, so /tmp"),
+    (_break((*_HEAD_SPEC, "containers", 0, "volumeMounts", 1, "readOnly"), True),
+     "head/ray-head: the root filesystem is read-only, so /tmp"),
+    (lambda d: pod_of(d, "cpu")["volumes"][1]["emptyDir"].update(medium="Memory"),
+     "cpu/ray-worker: the root filesystem is read-only, so /tmp"),
+    (_break((*_CPU_SPEC, "containers", 0, "env"), [{"name": "SERVE_APP_API_TOKEN", "valueFrom": {
+        "secretKeyRef": {"name": "serve-app-api-token", "key": "token"}}}]),
+     "cpu/ray-worker: env CUDA_CACHE_PATH must be /tmp/cuda-cache"),
+    # the autoscaler sidecar (its securityContext and mounts come from autoscalerOptions)
+    (_break((*_AUTOSCALER, "securityContext"), _DELETE),
+     "head/autoscaler: autoscalerOptions.securityContext.readOnlyRootFilesystem must be True"),
+    (_break((*_AUTOSCALER, "securityContext", "capabilities"), _DELETE),
+     "head/autoscaler: autoscalerOptions.securityContext.capabilities.drop must include ALL"),
+    (_break((*_AUTOSCALER, "volumeMounts"), _DELETE),
+     "head/autoscaler: autoscalerOptions.volumeMounts must mount a writable emptyDir"),
+    (_break((*_HEAD_SPEC, "volumes"), []),
+     "head/autoscaler: autoscalerOptions.volumeMounts must mount a writable emptyDir"),
+])
+def test_pod_security_mistakes_are_reported(variant, mutate, expected):
+    d = copy.deepcopy(doc(variant))
+    mutate(d)
+    errors = k8s.consistency_errors(d, variant)
+    assert any(expected in e for e in errors), errors
+
+
+@pytest.mark.parametrize("mutate,expected", [
+    (_break((*_CPU_SPEC, "initContainers", 0, "securityContext", "readOnlyRootFilesystem"), False),
+     "cpu/seed-artifacts (init): securityContext.readOnlyRootFilesystem must be True"),
+    (_break((*_CPU_SPEC, "initContainers", 0, "securityContext"), _DELETE),
+     "cpu/seed-artifacts (init): securityContext.allowPrivilegeEscalation must be False"),
+    (_break((*_CPU_SPEC, "initContainers"), _DELETE),
+     "cpu/ray-worker: compiled classifiers run here, so /home/ray/serve_app_artifacts must be"),
+    (_break((*_CPU_SPEC, "containers", 0, "volumeMounts", 2, "mountPath"), "/home/ray/elsewhere"),
+     "cpu/ray-worker: compiled classifiers run here"),
+    (_break((*_CPU_SPEC, "initContainers", 0, "volumeMounts", 0, "name"), "tmp"),
+     "cpu/ray-worker: compiled classifiers run here"),
+])
+def test_compiled_artifact_mistakes_are_reported(mutate, expected):
+    d = copy.deepcopy(doc(CPU))
+    mutate(d)
+    errors = k8s.consistency_errors(d, CPU)
+    assert any(expected in e for e in errors), errors
+
+
+def test_the_artifact_dir_must_be_where_pods_mount_it(tmp_path):
+    root = copy_repo(tmp_path)
+    dockerfile = root / "Dockerfile"
+    dockerfile.write_text(dockerfile.read_text().replace(
+        f"SERVE_APP_ARTIFACT_DIR={k8s.ARTIFACT_DIR}", "SERVE_APP_ARTIFACT_DIR=/opt/artifacts"))
+    errors = k8s.consistency_errors(k8s.manifest(CPU, root), CPU, root)
+    assert any("SERVE_APP_ARTIFACT_DIR is /opt/artifacts" in e for e in errors), errors
+    dockerfile.write_text(dockerfile.read_text() + "USER root\n")
+    errors = k8s.consistency_errors(k8s.manifest(GPU, root), GPU, root)
+    assert any("last USER is root" in e for e in errors), errors
+
+
+def test_k8s_check_fails_a_manifest_that_is_not_hardened(tmp_path):
+    """`k8s check` itself, not only the renderer: a hand edit that drops a setting is reported
+    as such (besides the file being stale), naming the container."""
+    root = copy_repo(tmp_path)
+    path = root / GPU.output
+    d = yaml.safe_load(path.read_text())
+    del ray_container(d["spec"]["rayClusterConfig"]["headGroupSpec"])["securityContext"][
+        "readOnlyRootFilesystem"]
+    path.write_text(yaml.safe_dump(d, sort_keys=False))
+    problems = k8s.check(root)
+    assert any(p.startswith(f"{GPU.output}: head/ray-head: securityContext.readOnlyRootFilesystem "
+                            "must be True (found None)") for p in problems), problems
 
 
 def test_head_only_proxy_is_reported():

@@ -1,0 +1,74 @@
+"""Whether a model's replicas can take a request now, learned from the calls themselves.
+
+When a replica dies, Ray's router drops it and holds new requests until another replica of
+the deployment is up: with one classifier replica (``min_replicas: 1``) that is the whole
+replacement's start, and every client waits it out. So the ingress does not wait blindly:
+after a call fails because its replica was lost, it probes the model (a ``ready`` call under a
+short timeout). If nothing answers, the model is *down*: new requests get 503 + Retry-After at
+once, and the probe repeats until a replica answers. A surviving replica answers the first
+probe, and nothing is refused. Pure asyncio, no Ray.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Awaitable, Callable, Optional
+
+logger = logging.getLogger("ray.serve")
+
+
+class Availability:
+    """``probe()``: one cheap call through the model's deployments; raises or hangs when no
+    replica can take it. ``on_down()``: called once when the model goes down (the ingress fails
+    the requests waiting in its grouping queue)."""
+
+    def __init__(self, name: str, probe: Callable[[], Awaitable[object]], timeout_s: float,
+                 interval_s: float, on_down: Optional[Callable[[], None]] = None):
+        if timeout_s <= 0 or interval_s <= 0:
+            raise ValueError("timeout_s and interval_s must be > 0")
+        self.name = name
+        self._probe = probe
+        self.timeout_s = timeout_s
+        self.interval_s = interval_s
+        self._on_down = on_down
+        self.down_since: Optional[float] = None
+        self.losses = 0  # calls that failed with a lost replica, since start
+        self._task: Optional[asyncio.Task] = None
+
+    @property
+    def down(self) -> bool:
+        return self.down_since is not None
+
+    def lost(self) -> None:
+        """A call failed because its replica stopped: find out whether any other is up."""
+        self.losses += 1
+        if self._task is None or self._task.done():
+            self._task = asyncio.ensure_future(self._watch())
+
+    async def _answers(self) -> bool:
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                await self._probe()
+            return True
+        except Exception:
+            # A cancel that lands as the probe fails must still stop the watcher (wait_for
+            # could swallow it, and the loop would never end).
+            if asyncio.current_task().cancelling():
+                raise asyncio.CancelledError from None
+            return False
+
+    async def _watch(self) -> None:
+        while not await self._answers():
+            if self.down_since is None:
+                self.down_since = time.monotonic()
+                logger.warning("No replica of %s answers; refusing its requests with 503 until "
+                               "one does", self.name)
+                if self._on_down is not None:
+                    self._on_down()
+            await asyncio.sleep(self.interval_s)
+        if self.down_since is not None:
+            logger.info("%s answers again after %.1fs down", self.name,
+                        time.monotonic() - self.down_since)
+            self.down_since = None

@@ -1,0 +1,70 @@
+"""serve_app/availability.py: a lost replica makes the model probe; no answer -> down (refuse
+at once) until a probe answers. Fake probes, no Ray."""
+
+import asyncio
+
+import pytest
+
+from serve_app.availability import Availability
+
+
+class Probe:
+    """Answers while ``up``; hangs (as Ray's router does with no replica) otherwise."""
+
+    def __init__(self, up: bool):
+        self.up = up
+        self.calls = 0
+
+    async def __call__(self):
+        self.calls += 1
+        if not self.up:
+            await asyncio.sleep(3600)
+        return True
+
+
+def test_a_surviving_replica_answers_the_probe_and_nothing_goes_down():
+    async def scenario():
+        probe, downs = Probe(up=True), []
+        a = Availability("m", probe, timeout_s=0.05, interval_s=0.01, on_down=lambda: downs.append(1))
+        a.lost()
+        await asyncio.sleep(0.1)
+        return a, probe, downs
+
+    a, probe, downs = asyncio.run(scenario())
+    assert not a.down and probe.calls == 1 and downs == [] and a.losses == 1
+
+
+def test_no_answer_is_down_until_a_replica_answers():
+    async def scenario():
+        probe, downs = Probe(up=False), []
+        a = Availability("m", probe, timeout_s=0.05, interval_s=0.01, on_down=lambda: downs.append(1))
+        a.lost()
+        a.lost()  # a second loss while probing starts no second watcher
+        await asyncio.sleep(0.2)
+        down_then, calls_then = a.down, probe.calls
+        probe.up = True
+        await asyncio.sleep(0.1)
+        return a, down_then, calls_then, downs
+
+    a, down_then, calls_then, downs = asyncio.run(scenario())
+    assert down_then and calls_then >= 2  # it kept asking
+    assert downs == [1]  # told once, however many probes failed
+    assert not a.down and a.down_since is None and a.losses == 2
+
+
+def test_a_probe_that_raises_counts_as_no_answer():
+    async def failing():
+        raise RuntimeError("no replica")
+
+    async def scenario():
+        a = Availability("m", failing, timeout_s=1.0, interval_s=0.01)
+        a.lost()
+        await asyncio.sleep(0.05)
+        return a.down
+
+    assert asyncio.run(scenario())
+
+
+def test_settings_must_be_positive():
+    with pytest.raises(ValueError):
+        Availability("m", Probe(True), timeout_s=0, interval_s=1)
