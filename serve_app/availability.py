@@ -3,9 +3,11 @@
 When a replica dies, Ray's router drops it and holds new requests until another replica of
 the deployment is up: with one classifier replica (``min_replicas: 1``) that is the whole
 replacement's start, and every client waits it out. So the ingress does not wait blindly:
-after a call fails because its replica was lost, it probes the model (a ``ready`` call under a
-short timeout). If nothing answers, the model is *down*: new requests get 503 + Retry-After at
-once, and the probe repeats until a replica answers. A surviving replica answers the first
+after a call fails because its replica was lost, or has had no answer for a while (Ray
+re-sends a call whose replica died and holds it for the replacement), it probes the model (a
+``ready`` call under a short timeout). If nothing answers, the model is *down*: new requests
+get 503 + Retry-After at once, so do those waiting, and the probe repeats until a replica
+answers. A surviving replica answers the first
 probe, and nothing is refused. Pure asyncio, no Ray.
 """
 
@@ -36,6 +38,7 @@ class Availability:
         self.down_since: Optional[float] = None
         self.losses = 0  # calls that failed with a lost replica, since start
         self._task: Optional[asyncio.Task] = None
+        self._answered_at = float("-inf")  # when a probe last got its answer
 
     @property
     def down(self) -> bool:
@@ -44,7 +47,17 @@ class Availability:
     def lost(self) -> None:
         """A call failed because its replica stopped: find out whether any other is up."""
         self.losses += 1
-        if self._task is None or self._task.done():
+        self._start()
+
+    def check(self) -> None:
+        """For a call with no answer yet after a while: Ray re-sends a call whose replica died
+        and holds it until a replacement is up, so no call fails and only the wait tells. At
+        most one probe per ``interval_s`` (under overload every call is slow)."""
+        if time.monotonic() - self._answered_at >= self.interval_s:
+            self._start()
+
+    def _start(self) -> None:
+        if self._task is None or self._task.done():  # a check under way is not repeated
             self._task = asyncio.ensure_future(self._watch())
 
     async def _answers(self) -> bool:
@@ -68,6 +81,7 @@ class Availability:
                 if self._on_down is not None:
                     self._on_down()
             await asyncio.sleep(self.interval_s)
+        self._answered_at = time.monotonic()
         if self.down_since is not None:
             logger.info("%s answers again after %.1fs down", self.name,
                         time.monotonic() - self.down_since)

@@ -123,6 +123,7 @@ class Classifier:
         self._busy_s = 0.0
         self._images_in_flight = 0
         self._calls = 0
+        self._skew_seen: dict[tuple, int] = {}  # crop sizes not this model's: images resized
         self._reported = (0, 0, 0.0)  # the counters at the last autoscaling report
         self._last_stats: dict[str, float] = {}
         self._first_batch: dict[str, float] = {}
@@ -237,7 +238,7 @@ class Classifier:
         Every image joins the ``@serve.batch`` queue on its own, so images of concurrent groups
         share forward passes up to ``max_batch_size``.
         """
-        pixels = torch.from_numpy(crops.pixels.copy())  # Ray's zero-copy array is read-only
+        pixels = self._fit(torch.from_numpy(crops.pixels.copy()))  # Ray's array is read-only
         # The ids of the images that decoded (a failed image has no crop), in crop order.
         ids = [rid for rid, error in zip(request_ids or [""] * len(top_ks), crops.errors)
                if error is None]
@@ -252,6 +253,18 @@ class Classifier:
         categories = self.predictor.info.categories
         return [imaging.top_k(next(probs), k, categories) if error is None else error
                 for error, k in zip(crops.errors, top_ks)]
+
+    def _fit(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Crops of another model's size (a model change rolling out) resized to this one's."""
+        size = self.predictor.info.transform.crop_size
+        if len(pixels) and pixels.shape[-2:] != (size, size):
+            if self._skew_seen.setdefault(tuple(pixels.shape[-2:]), 0) == 0:
+                logger.warning("Crops of %s px for a model of %d px, resized: another "
+                               "version of this application is still serving (a rollout)",
+                               "x".join(map(str, pixels.shape[-2:])), size)
+            self._skew_seen[tuple(pixels.shape[-2:])] += len(pixels)
+            return imaging.fit_crops(pixels, size)
+        return pixels
 
     def ready(self) -> bool:
         """Answers only once __init__ (load + warm-up) has finished."""

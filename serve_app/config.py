@@ -146,6 +146,11 @@ class AppConfig(_Strict):
     replica_probe_interval_s: float = Field(0.5, gt=0, le=60, description=(
         "While no replica of a model answers, how often the ingress asks again "
         "(serve_app/availability.py); its requests get 503 until one does."))
+    stall_probe_after_s: float = Field(1.0, gt=0, le=600, description=(
+        "A call into a model with no answer after this long makes the ingress probe the "
+        "model's replicas as after a lost one: Ray holds a call whose replica died until a "
+        "replacement is up, and only the wait tells. A busy model answers the probe, so a low "
+        "value costs only probes (at most one per replica_probe_interval_s)."))
     request_timeout_s: float = Field(60.0, gt=0, description="Upper bound for one classification.")
     warmup_iterations: int = Field(1, ge=1, le=1000, description=(
         "Forward passes per warm-up batch size before a classifier replica reports ready; "

@@ -50,6 +50,7 @@ class _Model:
         self.availability = Availability(handles.info["name"], self._probe,
                                          settings.readiness_timeout_s,
                                          settings.replica_probe_interval_s, self._went_down)
+        self._calls: set[asyncio.Future] = set()  # in flight into the replicas
 
     async def _probe(self) -> None:
         """One empty preprocessor call and a classifier ``ready``: both deployments answer."""
@@ -62,7 +63,10 @@ class _Model:
                         self.settings.dispatch.retry_after_s)
 
     def _went_down(self) -> None:
+        """No replica answers: fail what waits for one, queued here or held in Ray's router."""
         self.batcher.fail_pending(self._not_ready())
+        for call in list(self._calls):
+            call.cancel()
 
     def check_up(self) -> None:
         """Refuse at once while no replica answers, rather than queue for the replacement."""
@@ -70,10 +74,23 @@ class _Model:
             raise self._not_ready()
 
     async def call(self, awaitable):
-        """A call into the model's replicas; a lost replica is a retryable 503 that makes the
-        model check whether any other is up."""
+        """A call into the model's replicas. A lost replica is a retryable 503 that makes the
+        model check whether any other is up; so does a call with no answer after
+        ``stall_probe_after_s``, and if none is up the call is failed with 503 ``not_ready``."""
+        call = asyncio.ensure_future(awaitable)
+        self._calls.add(call)
         try:
-            return await awaitable
+            done, _ = await asyncio.wait({call}, timeout=self.settings.stall_probe_after_s)
+            if not done:
+                self.availability.check()
+            return await call
+        except asyncio.CancelledError:
+            if asyncio.current_task().cancelling():  # the request gave up or timed out
+                call.cancel()
+                raise
+            if call.cancelled() and self.availability.down:  # _went_down cancelled it
+                raise self._not_ready() from None
+            raise
         except Exception as exc:
             if find_client_error(exc) is None and is_replica_loss(exc):
                 self.availability.lost()
@@ -81,6 +98,8 @@ class _Model:
                                   f"while it held this request ({type(exc).__name__}); retry.",
                                   self.settings.dispatch.retry_after_s) from None
             raise
+        finally:
+            self._calls.discard(call)
 
     def _dispatched(self, waits_s: list[float]) -> None:
         self.metrics.group(len(waits_s), [w * 1000 for w in waits_s])

@@ -253,6 +253,23 @@ def stack_pixels(crops: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack(list(crops))
 
 
+def fit_crops(pixels: torch.Tensor, size: int) -> torch.Tensor:
+    """Crops (N, 3, H, W) resized to ``size`` x ``size`` when they are another size, dtype kept.
+
+    Only while a model change rolls out: Ray restarts the ingress, preprocessor and classifier
+    deployments each on its own, so for a few seconds crops cut for the old model can reach the
+    new one (or the reverse). Resizing them serves those requests instead of failing them.
+    """
+    if pixels.shape[-2:] == (size, size) or len(pixels) == 0:
+        return pixels
+    x = pixels if pixels.is_floating_point() else pixels.float()
+    out = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear",
+                                          align_corners=False, antialias=True)
+    if pixels.is_floating_point():
+        return out.to(pixels.dtype)
+    return out.round_().clamp_(0, 255).to(pixels.dtype)
+
+
 def normalize(batch: torch.Tensor, mean: Sequence[float], std: Sequence[float],
               dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 (N, 3, H, W), or floats already in [0, 1], to normalized floats, as

@@ -217,6 +217,12 @@ class ServeProcess:
         except OSError:
             return ""
 
+    def serve_log_count(self, text: str) -> int:
+        """Lines with ``text`` in this cluster's Serve logs, replicas that stopped included."""
+        logs = self.ray_dir / "session_latest" / "logs" / "serve"
+        return sum(text in line for path in logs.glob("*.log")
+                   for line in path.read_text(errors="replace").splitlines())
+
     def stop(self, timeout_s: float = 30.0) -> None:
         """SIGTERM to ``serve run`` alone (it shuts Ray down), then the group if it lingers."""
         proc, self.proc = self.proc, None

@@ -75,6 +75,16 @@ def _top_k(gw: Gateway, top_k: Optional[int]) -> int:
     return gw.settings.top_k_default if top_k is None else top_k
 
 
+async def _form(request: Request, max_files: int):
+    """The multipart form of a body already read; one that cannot be parsed (no boundary, a
+    broken part, too many files or fields) is a 400 ``bad_request`` on every route."""
+    try:
+        return await request.form(max_files=max_files, max_fields=max_files + 8)
+    except StarletteHTTPException as exc:  # how Starlette refuses a form
+        raise ClientError(f"The multipart body was refused: {exc.detail} (at most {max_files} "
+                          f"file{'s' if max_files > 1 else ''} per request)") from None
+
+
 async def _classify(request: Request, gw: Gateway, model: Optional[str],
                     top_k: Optional[int]):
     """Body: raw image bytes with an ``image/*`` Content-Type, or multipart field ``file``."""
@@ -84,7 +94,7 @@ async def _classify(request: Request, gw: Gateway, model: Optional[str],
         data = await read_body(request, gw.settings.max_body_bytes)
     elif content_type.startswith("multipart/form-data"):
         await read_body(request, gw.settings.max_body_bytes)
-        form = await request.form(max_files=1, max_fields=8)
+        form = await _form(request, max_files=1)
         upload = form.get("file")
         if upload is None or isinstance(upload, str):
             raise InvalidImage("The multipart body has no file field named 'file'.")
@@ -107,11 +117,7 @@ async def _classify_batch(request: Request, gw: Gateway, model: Optional[str],
     if not content_type.startswith("multipart/form-data"):
         raise UnsupportedMediaType("Send multipart/form-data with repeated field 'files'.")
     await read_body(request, gw.settings.max_body_bytes)
-    limit = gw.settings.max_batch_files
-    try:
-        form = await request.form(max_files=limit, max_fields=limit + 8)
-    except StarletteHTTPException as exc:  # Starlette refuses too many files this way
-        raise ClientError(f"{exc.detail} (at most {limit} files per request)") from None
+    form = await _form(request, max_files=gw.settings.max_batch_files)
     uploads = [u for u in form.getlist("files") if not isinstance(u, str)]
     if not uploads:
         raise InvalidImage("The multipart body has no file fields named 'files'.")

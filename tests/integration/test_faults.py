@@ -8,10 +8,7 @@ answer: a 200, or a JSON 5xx telling the client to retry (never a hang, a reset 
 import json
 import os
 import signal
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 import httpx
 import pytest
@@ -23,11 +20,11 @@ from serve_app.compiling import compile_config
 from serve_app.fault_injection import WEDGE_ENV
 from serve_app.launch import ServeProcess
 from tests.conftest import CONFIGS
+from tests.integration.closed_loop import CLIENT_TIMEOUT_S, Load, summary
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 CLIENTS = 8
-CLIENT_TIMEOUT_S = 30.0  # a hang shows as a transport error at 30 s
 
 
 @pytest.fixture(scope="module")
@@ -41,100 +38,15 @@ def faulty(tmp_path_factory):
         yield svc
 
 
-@dataclass
-class Answer:
-    started: float
-    ended: float
-    status: int  # 0: no HTTP answer (reset, timeout)
-    code: str = ""
-    retry_after: str | None = None
-    json_body: bool = True
-
-    @property
-    def ms(self) -> float:
-        return (self.ended - self.started) * 1000
-
-
-@dataclass
-class Load:
-    """CLIENTS closed-loop clients until stopped; every answer kept with its times."""
-
-    url: str
-    bodies: list
-    answers: list = field(default_factory=list)
-    stop: threading.Event = field(default_factory=threading.Event)
-
-    def _client(self, i: int) -> None:
-        with httpx.Client(timeout=CLIENT_TIMEOUT_S) as c:
-            n = i
-            while not self.stop.is_set():
-                body = self.bodies[n % len(self.bodies)]
-                n += 1
-                started = time.monotonic()
-                try:
-                    r = c.post(self.url, content=body, headers={"Content-Type": "image/jpeg"})
-                except httpx.HTTPError as exc:
-                    self.answers.append(Answer(started, time.monotonic(), 0,
-                                               code=type(exc).__name__))
-                    continue
-                answer = Answer(started, time.monotonic(), r.status_code,
-                                retry_after=r.headers.get("retry-after"))
-                if r.status_code != 200:
-                    try:
-                        answer.code = r.json()["error"]["code"]
-                    except (ValueError, KeyError, TypeError):
-                        answer.json_body = False
-                        answer.code = r.text[:80]
-                    time.sleep(0.05)  # a client that got a refusal does not spin on it
-                self.answers.append(answer)
-
-    def run(self, seconds: float, during=None) -> list:
-        with ThreadPoolExecutor(CLIENTS) as pool:
-            for i in range(CLIENTS):
-                pool.submit(self._client, i)
-            began = time.monotonic()
-            result = during() if during else None
-            time.sleep(max(0.0, seconds - (time.monotonic() - began)))
-            self.stop.set()
-        return result
-
-
 def _pid_of(svc, deployment: str) -> int:
     pids = [p for p, d in replica_pids(svc.proc.pid, "serve_app").items() if d == deployment]
     assert len(pids) == 1, (deployment, pids)
     return pids[0]
 
 
-def _summary(answers: list, fault_at: float) -> dict:
-    after = [a for a in answers if a.ended >= fault_at]
-    by_status: dict = {}
-    for a in answers:
-        by_status.setdefault(a.status, []).append(a)
-    failed = [a for a in after if a.status != 200]
-    in_flight = [a for a in failed if a.started < fault_at]
-    served_after = [a for a in after if a.status == 200 and a.started > fault_at]
-    last_failure = max((a.ended for a in failed), default=fault_at)
-    back = [a for a in served_after if a.started >= last_failure]
-    return {
-        "sent": len(answers), "served": len(by_status.get(200, [])),
-        "statuses": {str(s): len(v) for s, v in sorted(by_status.items())},
-        "codes": sorted({a.code for a in failed if a.status}),
-        "dropped": sorted({a.code for a in failed if not a.status}),
-        "in_flight_failed": len(in_flight),
-        "in_flight_answered_within_s": round(max((a.ended - fault_at for a in in_flight),
-                                                 default=0.0), 2),
-        "refusal_p95_ms": round(sorted(a.ms for a in failed)[int(0.95 * (len(failed) - 1))], 1)
-        if failed else None,
-        "first_200_after_s": round(min((a.ended for a in served_after), default=fault_at)
-                                   - fault_at, 2) if served_after else None,
-        "healthy_after_s": round(back[0].ended - fault_at, 2) if back else None,
-        "max_ms": round(max(a.ms for a in answers), 1),
-    }
-
-
 def _kill_under_load(svc, deployment: str, seconds: float = 45.0) -> tuple[dict, list]:
     url = f"{svc.url}/v1/classify"
-    load = Load(url, [jpeg for _, jpeg in photos_jpeg()])
+    load = Load(url, [jpeg for _, jpeg in photos_jpeg()], CLIENTS)
     victim = _pid_of(svc, deployment)
     fault: dict = {}
 
@@ -144,7 +56,7 @@ def _kill_under_load(svc, deployment: str, seconds: float = 45.0) -> tuple[dict,
         os.kill(victim, signal.SIGKILL)
 
     load.run(seconds, kill)
-    report = {"killed": f"{deployment}/{victim}", **_summary(load.answers, fault["at"])}
+    report = {"killed": f"{deployment}/{victim}", **summary(load.answers, fault["at"])}
     print(f"fault {deployment}:", json.dumps(report))
     return report, load.answers
 

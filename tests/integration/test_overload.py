@@ -119,7 +119,9 @@ def test_three_times_capacity_sheds_fast_and_recovers(shipped):
               "first_after_ms": first_ms and round(first_ms, 1), "normal_after_ms": round(after_ms, 1),
               "rss_mib": {f"{pids[p]}/{p}": [rss_before.get(p), rss_mid.get(p), rss_after.get(p)]
                           for p in pids},
-              "probe": probe}
+              "probe": probe,
+              # a busy model must not pass for a missing one (serve_app/availability.py)
+              "model_went_down": shipped.serve_log_count("No replica of")}
     print("overload:", json.dumps(report))
 
     assert set(load.latencies_by_status) <= {200, 503}, report
@@ -133,6 +135,7 @@ def test_three_times_capacity_sheds_fast_and_recovers(shipped):
     assert load.percentile_ms(200, 99) < wait_bound_ms, report
     assert probe.get("retry_after") == "1" and probe["body"]["error"]["code"] == "overloaded"
     assert probe["content_type"] == "application/json"
+    assert report["model_went_down"] == 0, report
     assert recovered_s is not None and recovered_s < 10, report
     assert after_ms < max(3 * normal_ms, normal_ms + 300), report
     # Flat over the overload's second half: no replica keeps growing while it sheds. (From the

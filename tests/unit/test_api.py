@@ -57,6 +57,10 @@ class FakeClassifier:
 
 class FakePreprocessor:
     def remote(self, images, request_ids):  # hands the bytes on, as the DeploymentResponse would
+        if not images:  # the availability probe's empty call, which is awaited
+            async def empty():
+                return images
+            return empty()
         return images
 
 
@@ -98,6 +102,22 @@ def test_v1_routes_by_model_and_defaults_to_the_first(client, classifiers):
                         files=[("files", ("a.jpg", b"1234", "image/jpeg")),
                                ("files", ("b.jpg", b"bad", "image/jpeg"))]).json()
     assert batch["model"] == LITE2 and batch["results"][1]["error"]["code"] == "invalid_image"
+
+
+@pytest.mark.parametrize("path", ["/v1/classify", "/v1/classify/batch"])
+def test_a_malformed_multipart_body_is_the_same_400_on_every_route(client, path):
+    r = client.post(path, content=b"--x\r\n",  # no boundary parameter: Starlette refuses it
+                    headers={"Content-Type": "multipart/form-data"})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == "bad_request", r.text
+
+
+def test_too_many_files_is_a_400_naming_the_limit(client):
+    files = [("files", (f"{i}.jpg", b"1234", "image/jpeg")) for i in range(4)]
+    r = client.post("/v1/classify/batch", files=files)
+    assert r.status_code == 400 and "at most 3 files" in r.json()["error"]["message"], r.text
+    r = client.post("/v1/classify", files=[("file", f) for _, f in files[:2]])
+    assert r.status_code == 400 and "at most 1 file " in r.json()["error"]["message"], r.text
 
 
 def test_unknown_model_is_404_in_each_protocols_shape(client, classifiers):
@@ -290,19 +310,11 @@ def test_a_lost_replica_is_a_retryable_503_and_the_model_refuses_at_once_until_o
                 return True
             return call()
 
-    class Preprocessor(FakePreprocessor):
-        def remote(self, images, request_ids):
-            if not images:  # the probe's empty call is awaited
-                async def empty():
-                    return images
-                return empty()
-            return images
-
     async def scenario():
         settings = parse_app_config({"readiness_timeout_s": 0.05, "replica_probe_interval_s": 0.02})
         route, = topology.plan(settings)
         dying = Dying()
-        gw = Gateway({route.name: ModelHandles(route.info.as_dict(), Preprocessor(), dying,
+        gw = Gateway({route.name: ModelHandles(route.info.as_dict(), FakePreprocessor(), dying,
                                                route.classifier)}, settings, FakeMetrics())
         transport = httpx.ASGITransport(app=api.build_app(gw))
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
@@ -327,3 +339,98 @@ def test_a_lost_replica_is_a_retryable_503_and_the_model_refuses_at_once_until_o
     assert refused.headers["retry-after"] == "1" and untouched
     assert v2.status_code == 503 and set(v2.json()) == {"error"}
     assert served.status_code == 200
+
+
+def test_a_call_held_for_a_missing_replica_is_noticed_and_refused_with_not_ready():
+    """No replica of the preprocessor is up (Ray holds its calls for the replacement, so no
+    call fails): a call with no answer after stall_probe_after_s makes the ingress probe; the
+    probe hangs too, so the held request and the next ones get 503 not_ready (the held one is
+    cancelled), and once a replica answers again requests are served."""
+    import asyncio
+    import time
+
+    import httpx
+
+    class Gone(FakePreprocessor):
+        def __init__(self):
+            self.gone = True
+            self.cancelled = 0
+
+        def remote(self, images, request_ids):
+            async def held():
+                try:
+                    while self.gone:
+                        await asyncio.sleep(0.01)
+                except asyncio.CancelledError:
+                    self.cancelled += 1
+                    raise
+                return images
+            return held()
+
+    class Resolving(FakeClassifier):  # awaits the preprocessor's response, as Ray's router does
+        def __init__(self):
+            super().__init__()
+            self.classify = self
+
+        def remote(self, crops, top_ks, request_ids):
+            async def call():
+                return self._classify(await crops, top_ks, request_ids)
+            return call()
+
+    async def scenario():
+        settings = parse_app_config({"readiness_timeout_s": 0.1, "replica_probe_interval_s": 0.02,
+                                     "stall_probe_after_s": 0.2})
+        route, = topology.plan(settings)
+        pre = Gone()
+        gw = Gateway({route.name: ModelHandles(route.info.as_dict(), pre, Resolving(),
+                                               route.classifier)}, settings, FakeMetrics())
+        transport = httpx.ASGITransport(app=api.build_app(gw))
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            post = lambda: c.post("/v1/classify", content=b"1234",  # noqa: E731
+                                  headers={"Content-Type": "image/jpeg"})
+            started = time.monotonic()
+            held = await post()
+            held_s = time.monotonic() - started
+            refused = await post()
+            pre.gone = False
+            await asyncio.sleep(0.2)
+            served = await post()
+        return held, held_s, refused, served, pre.cancelled
+
+    held, held_s, refused, served, cancelled = asyncio.run(scenario())
+    assert held.status_code == 503 and held.json()["error"]["code"] == "not_ready", held.text
+    assert 0.2 <= held_s < 1.0 and cancelled >= 1  # stall + probe timeout, not the 60 s bound
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "not_ready"
+    assert served.status_code == 200, served.text
+
+
+def test_a_slow_call_with_replicas_up_is_only_waited_for():
+    """A call slower than stall_probe_after_s while the probe answers (a busy model, not a
+    missing one) is served, and nothing is refused."""
+    import asyncio
+
+    import httpx
+
+    class Slow(FakeClassifier):
+        def __init__(self):
+            super().__init__()
+            self.classify = self
+
+        def remote(self, crops, top_ks, request_ids):
+            async def call():
+                await asyncio.sleep(0.5)
+                return self._classify(crops, top_ks, request_ids)
+            return call()
+
+    async def scenario():
+        settings = parse_app_config({"readiness_timeout_s": 0.1, "stall_probe_after_s": 0.1})
+        route, = topology.plan(settings)
+        gw = Gateway({route.name: ModelHandles(route.info.as_dict(), FakePreprocessor(), Slow(),
+                                               route.classifier)}, settings, FakeMetrics())
+        transport = httpx.ASGITransport(app=api.build_app(gw))
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            return await asyncio.gather(*(c.post("/v1/classify", content=b"1234",
+                                                 headers={"Content-Type": "image/jpeg"})
+                                          for _ in range(3)))
+
+    assert [r.status_code for r in asyncio.run(scenario())] == [200, 200, 200]

@@ -68,3 +68,27 @@ def test_a_probe_that_raises_counts_as_no_answer():
 def test_settings_must_be_positive():
     with pytest.raises(ValueError):
         Availability("m", Probe(True), timeout_s=0, interval_s=1)
+
+
+def test_slow_calls_probe_at_most_once_per_interval_but_a_loss_always_probes():
+    async def scenario():
+        probe, downs = Probe(up=True), []
+        a = Availability("m", probe, timeout_s=0.05, interval_s=0.3,
+                         on_down=lambda: downs.append(1))
+        a.check()
+        await asyncio.sleep(0.02)
+        for _ in range(5):  # slow calls right after an answered probe: no new probe
+            a.check()
+            await asyncio.sleep(0.01)
+        after_checks = probe.calls
+        a.lost()  # a lost replica is always looked into
+        await asyncio.sleep(0.02)
+        after_loss = probe.calls
+        await asyncio.sleep(0.3)
+        a.check()  # the interval has passed
+        await asyncio.sleep(0.02)
+        return after_checks, after_loss, probe.calls, a.down, downs
+
+    after_checks, after_loss, calls, down, downs = asyncio.run(scenario())
+    assert (after_checks, after_loss, calls) == (1, 2, 3)
+    assert not down and downs == [] and calls == 3

@@ -227,3 +227,13 @@ def test_the_health_checks_forward_must_time_out_before_rays_whole_check():
         configfile.check(data)
     del classifier["health_check_timeout_s"]  # Ray's default, 30 s
     configfile.check(data)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_deployment_starts_its_replacement_before_stopping_a_replica(path):
+    """Ray's default (max_surge_percent 0) stops a one-replica deployment's only replica
+    before its replacement starts: a rollout would be an outage (tests/integration/
+    test_redeploy.py)."""
+    for app in configfile.load(path)["applications"]:
+        for entry in app["deployments"]:
+            assert entry.get("max_surge_percent", 0) >= 100, (path.name, entry["name"])

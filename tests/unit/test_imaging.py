@@ -213,3 +213,23 @@ def test_float_pixels_in_unit_range_normalize_like_uint8():
     assert mixed.dtype == torch.float32
     torch.testing.assert_close(normalize(mixed, mean, std), torch.cat([as_uint8, as_uint8]))
     assert stack_pixels([crop, crop]).dtype == torch.uint8  # the common case stays uint8
+
+
+def test_fit_crops_leaves_the_right_size_alone_and_resizes_another():
+    crops = torch.randint(0, 256, (3, 3, 224, 224), dtype=torch.uint8)
+    assert imaging.fit_crops(crops, 224) is crops
+    bigger = imaging.fit_crops(crops, 260)
+    assert bigger.shape == (3, 3, 260, 260) and bigger.dtype == torch.uint8
+    flat = torch.full((1, 3, 260, 260), 77, dtype=torch.uint8)  # a flat image stays flat
+    assert torch.equal(imaging.fit_crops(flat, 224), torch.full((1, 3, 224, 224), 77,
+                                                               dtype=torch.uint8))
+    floats = torch.rand(2, 3, 224, 224)
+    out = imaging.fit_crops(floats, 260)
+    assert out.dtype == torch.float32 and out.shape[-2:] == (260, 260)
+    assert 0 <= out.min() and out.max() <= 1 + 1e-6
+    # Downsized and back, a smooth image keeps its content (the same picture, not noise).
+    smooth = torch.linspace(0, 255, 224).round().to(torch.uint8).expand(1, 3, 224, 224)
+    back = imaging.fit_crops(imaging.fit_crops(smooth.contiguous(), 260), 224)
+    assert (back.int() - smooth.int()).abs().max() <= 2
+    empty = torch.zeros((0, 3, 224, 224), dtype=torch.uint8)
+    assert imaging.fit_crops(empty, 260) is empty
