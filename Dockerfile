@@ -46,6 +46,11 @@ from serve_app.models import build_model; \
  for model in parse_app_config(app.get('args')).served]" \
     && ls -l "$TORCH_HOME/hub/checkpoints"
 
+# HAProxy's own 502/503/504 (no ingress replica reachable, one died mid-request) as serve_app's
+# JSON with Retry-After: the pages and the wrapper the pods' RAY_SERVE_HAPROXY_BINARY_PATH
+# names (serve_app/haproxy_errors.py). `python -m serve_app k8s check` fails without it.
+RUN python -m serve_app.haproxy_errors install /home/ray/serve_app_haproxy
+
 # KubeRay supplies the command (ray start ...) for every pod.
 
 # The compiled model of every config that asks for one (python -m serve_app compile), built

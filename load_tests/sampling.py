@@ -78,14 +78,24 @@ class ServeStatusClient:
         token = auth_token()
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
 
-    def replicas(self) -> dict[str, DeploymentReplicas]:
-        """Counts per deployment; {} when the dashboard does not answer (the row is left blank)."""
+    def _get(self) -> Optional[dict[str, Any]]:
         request = urllib.request.Request(self.url, headers=self.headers)
         try:
             with urllib.request.urlopen(request, timeout=self.timeout_s) as resp:
-                return parse_applications(json.loads(resp.read()), self.app)
+                return json.loads(resp.read())
         except (OSError, urllib.error.HTTPError, ValueError):
-            return {}
+            return None
+
+    def replicas(self) -> dict[str, DeploymentReplicas]:
+        """Counts per deployment; {} when the dashboard does not answer (the row is left blank)."""
+        payload = self._get()
+        return parse_applications(payload, self.app) if payload else {}
+
+    def application(self) -> dict[str, Any]:
+        """The application's details (status, last_deployed_time_s, deployments); {} when the
+        dashboard does not answer."""
+        payload = self._get() or {}
+        return (payload.get("applications") or {}).get(self.app or "", {})
 
 
 class Sampler(threading.Thread):

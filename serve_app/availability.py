@@ -7,8 +7,8 @@ after a call fails because its replica was lost, or has had no answer for a whil
 re-sends a call whose replica died and holds it for the replacement), it probes the model (a
 ``ready`` call under a short timeout). If nothing answers, the model is *down*: new requests
 get 503 + Retry-After at once, so do those waiting, and the probe repeats until a replica
-answers. A surviving replica answers the first
-probe, and nothing is refused. Pure asyncio, no Ray.
+answers. A surviving replica answers the first probe, and nothing is refused. Pure asyncio,
+no Ray.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ class Availability:
         self.losses = 0  # calls that failed with a lost replica, since start
         self._task: Optional[asyncio.Task] = None
         self._answered_at = float("-inf")  # when a probe last got its answer
+        self.ever_answered = False
 
     @property
     def down(self) -> bool:
@@ -49,11 +50,17 @@ class Availability:
         self.losses += 1
         self._start()
 
+    def answered(self) -> None:
+        """A call got its answer: this replica's routers know the model's replicas."""
+        self.ever_answered = True
+
     def check(self) -> None:
         """For a call with no answer yet after a while: Ray re-sends a call whose replica died
         and holds it until a replacement is up, so no call fails and only the wait tells. At
-        most one probe per ``interval_s`` (under overload every call is slow)."""
-        if time.monotonic() - self._answered_at >= self.interval_s:
+        most one probe per ``interval_s`` (under overload every call is slow), and only once
+        the model has answered here: a new replica's first calls wait while its routers learn
+        the replicas (seconds, on a busy machine), and that wait is no outage."""
+        if self.ever_answered and time.monotonic() - self._answered_at >= self.interval_s:
             self._start()
 
     def _start(self) -> None:
@@ -82,6 +89,7 @@ class Availability:
                     self._on_down()
             await asyncio.sleep(self.interval_s)
         self._answered_at = time.monotonic()
+        self.ever_answered = True
         if self.down_since is not None:
             logger.info("%s answers again after %.1fs down", self.name,
                         time.monotonic() - self.down_since)

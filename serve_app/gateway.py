@@ -57,6 +57,16 @@ class _Model:
         await self.handles.preprocessor.remote([], [])
         await self.handles.classifier.ready.remote()
 
+    async def warm(self) -> None:
+        """One probe, so this replica's handles have learned the model's replicas before it
+        takes traffic; a model that is not up yet is left to /readyz."""
+        try:
+            async with asyncio.timeout(self.settings.readiness_timeout_s):
+                await self._probe()
+        except Exception:
+            return
+        self.availability.answered()
+
     def _not_ready(self) -> NotReady:
         return NotReady(f"No replica of {self.handles.info['name']} answers now (one was lost; "
                         "a replacement is starting); retry later.",
@@ -83,7 +93,9 @@ class _Model:
             done, _ = await asyncio.wait({call}, timeout=self.settings.stall_probe_after_s)
             if not done:
                 self.availability.check()
-            return await call
+            result = await call
+            self.availability.answered()
+            return result
         except asyncio.CancelledError:
             if asyncio.current_task().cancelling():  # the request gave up or timed out
                 call.cancel()
@@ -135,6 +147,12 @@ class Gateway:
         self.default = settings.primary.id
         metrics.watch_queue(lambda: self.queued,
                             lambda: sum(m.batcher.in_flight_items for m in self._models.values()))
+
+    async def warm(self) -> None:
+        """Before the ingress takes traffic: a handle learns its deployment's replicas on its
+        first call, which took seconds on a busy machine, and a new ingress in a rollout held
+        its first requests that long (then refused them: the probe waited too)."""
+        await asyncio.gather(*(m.warm() for m in self._models.values()))
 
     @property
     def names(self) -> list[str]:

@@ -89,7 +89,12 @@ def _config_path(args: list[str]) -> Path | None:
 
 def main(argv: list[str]) -> None:
     """``python -m serve_app.haproxy_errors REAL_BINARY PAGES_DIR HAPROXY_ARGS...``: rewrite the
-    config HAProxy is about to read, then become HAProxy."""
+    config HAProxy is about to read, then become HAProxy.
+    ``python -m serve_app.haproxy_errors install DIR``: write the pages and the wrapper into DIR
+    (the Dockerfile does, for the pods of k8s/) and print the wrapper's path."""
+    if argv[:1] == ["install"] and len(argv) == 2:
+        print(install(Path(argv[1])))
+        return
     real, directory, args = argv[0], Path(argv[1]), argv[2:]
     config = _config_path(args)
     if config is not None and config.is_file():

@@ -20,11 +20,13 @@ from serve_app.metrics import IngressMetrics
 @serve.deployment(max_ongoing_requests=64)
 @serve.ingress()  # the app is built per replica, around this replica's Gateway
 class Ingress:
-    def __init__(self, models: dict[str, ModelHandles], settings: AppConfig):
-        """``models``: served name -> its description and deployment handles (serve_app/app.py)."""
+    async def __init__(self, models: dict[str, ModelHandles], settings: AppConfig):
+        """``models``: served name -> its description and deployment handles (serve_app/app.py).
+        Ready (and reachable through HAProxy) once its handles know the models' replicas."""
         self.metrics = IngressMetrics()
         request_metrics.configure(self.metrics, settings.log_requests)
         self.gateway = Gateway(models, settings, self.metrics)
+        await self.gateway.warm()
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return api.build_app(self.gateway)

@@ -30,6 +30,7 @@ from typing import Any, Iterable
 
 import yaml
 
+from serve_app import haproxy_errors
 from serve_app.configfile import APP_IMPORT_PATH, deployment_options, load
 from serve_app.launch import RAY_CLUSTER_ENV
 
@@ -353,9 +354,14 @@ AUTH_SECRET = "serve-app-api-token"
 AUTH_TOKEN_ENV = "SERVE_APP_API_TOKEN"
 
 
+def _haproxy_env(env: dict[str, Any]) -> dict[str, str]:
+    return HAPROXY_ENV if env.get("RAY_SERVE_ENABLE_HA_PROXY") == "1" else {}
+
+
 def _env() -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [{"name": k, "value": v}
-                                 for k, v in {**RAY_CLUSTER_ENV, **WRITABLE_ENV}.items()]
+                                 for k, v in {**RAY_CLUSTER_ENV, **WRITABLE_ENV,
+                                              **_haproxy_env(RAY_CLUSTER_ENV)}.items()]
     env.append({"name": AUTH_TOKEN_ENV,
                 "valueFrom": {"secretKeyRef": {"name": AUTH_SECRET, "key": "token"}}})
     return env
@@ -396,6 +402,12 @@ ARTIFACT_DIR = "/home/ray/serve_app_artifacts"
 ARTIFACT_SEED_MOUNT = "/mnt/serve_app_artifacts"
 #: Paths under HOME that something writes to, redirected to the writable /tmp.
 WRITABLE_ENV = {"CUDA_CACHE_PATH": "/tmp/cuda-cache"}
+#: Where the Dockerfile installs serve_app's HAProxy error pages and the wrapper Ray runs as
+#: HAProxy (serve_app/haproxy_errors.py): without it every 502/503/504 of HAProxy's reaches a
+#: client as Ray's plain-text 500. The wrapper only reads there; it rewrites Ray's config in
+#: /tmp/haproxy-serve.
+HAPROXY_DIR = "/home/ray/serve_app_haproxy"
+HAPROXY_ENV = {haproxy_errors.BINARY_ENV: f"{HAPROXY_DIR}/haproxy"}
 #: What each container's securityContext must hold (after the pod's defaults apply).
 CONTAINER_SECURITY: dict[str, Any] = {
     "runAsNonRoot": True, "runAsUser": RAY_UID, "runAsGroup": RAY_GID,
@@ -740,6 +752,25 @@ def artifact_errors(dockerfile_text: str, config: str) -> list[str]:
     return errors
 
 
+def haproxy_page_errors(doc: dict[str, Any], dockerfile_text: str) -> list[str]:
+    """Pods that run HAProxy must run it through serve_app's wrapper, installed by the image."""
+    errors, uses = [], False
+    for name, _, ray in _containers(doc):
+        env = {e.get("name"): e.get("value") for e in ray.get("env") or []}
+        for var, want in _haproxy_env(env).items():
+            uses = True
+            if env.get(var) != want:
+                errors.append(f"{name}/{ray.get('name')}: HAProxy mode without serve_app's "
+                              f"error pages: env {var} must be {want} (Ray's own pages "
+                              "answer every 502/503/504 with a plain-text 500)")
+    if uses and not re.search(rf"^RUN\s+python -m serve_app\.haproxy_errors install "
+                              rf"{re.escape(HAPROXY_DIR)}\s*$", dockerfile_text, re.M):
+        errors.append(f"the pods run HAProxy through {HAPROXY_ENV[haproxy_errors.BINARY_ENV]}, "
+                      f"but the Dockerfile does not install it: add `RUN python -m "
+                      f"serve_app.haproxy_errors install {HAPROXY_DIR}`")
+    return errors
+
+
 def dockerfile_user_errors(dockerfile_text: str) -> list[str]:
     """The image's user must be the one the pods run as: the files it bakes (weights,
     artifacts) are then that user's, and nothing relies on root at build or run time."""
@@ -898,6 +929,7 @@ def consistency_errors(doc: dict[str, Any], variant: Variant, root: Path = ROOT)
     if model.get("compile"):
         errors += artifact_errors(dockerfile_text, variant.config)
     errors += dockerfile_user_errors(dockerfile_text)
+    errors += haproxy_page_errors(doc, dockerfile_text)
     try:
         compiled = artifact_groups(variant, config)
     except ValueError:  # a deployment without num_cpus: reported below

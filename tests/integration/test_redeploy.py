@@ -21,7 +21,7 @@ import yaml
 
 from load_tests.photos import photos_jpeg
 from load_tests.processes import replica_pids
-from load_tests.sampling import ServeStatusClient, dashboard_url_from_log
+from load_tests.sampling import ServeStatusClient, dashboard_url_from_log, parse_applications
 from serve_app import configfile
 from serve_app.compiling import compile_config
 from serve_app.launch import ServeProcess
@@ -59,9 +59,13 @@ def shipped():
         yield svc
 
 
-def _settled(svc) -> bool:
-    """Every deployment at its target with no replica starting or stopping."""
-    replicas = svc.status.replicas()
+def _settled(svc, deployed_after: float) -> bool:
+    """The config deployed after ``deployed_after`` is running: the application RUNNING, every
+    deployment at its target with no replica starting or stopping."""
+    app = svc.status.application()
+    if app.get("status") != "RUNNING" or app.get("last_deployed_time_s", 0) <= deployed_after:
+        return False
+    replicas = parse_applications({"applications": {APP: app}}, APP)
     return bool(replicas) and all(r.running == r.target and not r.starting and not r.stopping
                                   for r in replicas.values())
 
@@ -71,14 +75,13 @@ def _deploy(svc, config: dict, timeout_s: float = 240.0) -> float:
     path = svc.config_path.with_name(f"deploy-{time.monotonic_ns()}.yaml")
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     serve = [sys.executable, "-c", "from ray.serve.scripts import cli; cli()"]
-    started = time.monotonic()
+    started, before = time.monotonic(), svc.status.application().get("last_deployed_time_s", 0)
     done = subprocess.run(serve + ["deploy", str(path), "--address", svc.dashboard_url],
                           capture_output=True, text=True, timeout=60,
                           env={**os.environ, "RAY_AUTH_MODE": "token"})  # send ~/.ray/auth_token
     assert done.returncode == 0, done.stdout + done.stderr
     svc.deployed = config
-    time.sleep(3)  # the controller picks the new config up on its next loop
-    while not _settled(svc):
+    while not _settled(svc, before):
         assert time.monotonic() - started < timeout_s, (svc.status.replicas(), svc.log_tail())
         time.sleep(0.5)
     return time.monotonic() - started

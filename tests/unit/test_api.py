@@ -353,7 +353,7 @@ def test_a_call_held_for_a_missing_replica_is_noticed_and_refused_with_not_ready
 
     class Gone(FakePreprocessor):
         def __init__(self):
-            self.gone = True
+            self.gone = False
             self.cancelled = 0
 
         def remote(self, images, request_ids):
@@ -388,6 +388,8 @@ def test_a_call_held_for_a_missing_replica_is_noticed_and_refused_with_not_ready
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
             post = lambda: c.post("/v1/classify", content=b"1234",  # noqa: E731
                                   headers={"Content-Type": "image/jpeg"})
+            assert (await post()).status_code == 200  # the model has answered here
+            pre.gone = True
             started = time.monotonic()
             held = await post()
             held_s = time.monotonic() - started
@@ -434,3 +436,53 @@ def test_a_slow_call_with_replicas_up_is_only_waited_for():
                                           for _ in range(3)))
 
     assert [r.status_code for r in asyncio.run(scenario())] == [200, 200, 200]
+
+
+def test_a_new_ingress_learns_the_replicas_first_and_its_first_slow_calls_are_only_waited_for():
+    """Gateway.warm (the ingress's constructor) probes every model under readiness_timeout_s,
+    and returns in time even when a model is not up; until the model has answered here, a slow
+    call (handles still learning their replicas) never makes the ingress refuse."""
+    import asyncio
+    import time
+
+    import httpx
+
+    class Late(FakePreprocessor):  # no replica for the first 0.6 s
+        def __init__(self):
+            self.up_at = time.monotonic() + 0.6
+
+        def remote(self, images, request_ids):
+            async def held():
+                while time.monotonic() < self.up_at:
+                    await asyncio.sleep(0.01)
+                return images
+            return held()
+
+    class Resolving(FakeClassifier):
+        def __init__(self):
+            super().__init__()
+            self.classify = self
+
+        def remote(self, crops, top_ks, request_ids):
+            async def call():
+                return self._classify(await crops, top_ks, request_ids)
+            return call()
+
+    async def scenario():
+        settings = parse_app_config({"readiness_timeout_s": 0.1, "replica_probe_interval_s": 0.02,
+                                     "stall_probe_after_s": 0.1})
+        route, = topology.plan(settings)
+        gw = Gateway({route.name: ModelHandles(route.info.as_dict(), Late(), Resolving(),
+                                               route.classifier)}, settings, FakeMetrics())
+        started = time.monotonic()
+        await gw.warm()
+        warm_s = time.monotonic() - started
+        transport = httpx.ASGITransport(app=api.build_app(gw))
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            first = await c.post("/v1/classify", content=b"1234",
+                                 headers={"Content-Type": "image/jpeg"})
+        return warm_s, first
+
+    warm_s, first = asyncio.run(scenario())
+    assert warm_s < 0.5  # bounded by readiness_timeout_s, not by the model
+    assert first.status_code == 200, first.text  # held ~0.5 s past stall_probe_after_s, served

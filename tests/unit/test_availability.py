@@ -75,6 +75,10 @@ def test_slow_calls_probe_at_most_once_per_interval_but_a_loss_always_probes():
         probe, downs = Probe(up=True), []
         a = Availability("m", probe, timeout_s=0.05, interval_s=0.3,
                          on_down=lambda: downs.append(1))
+        a.check()  # nothing answered here yet: a slow first call is no reason to probe
+        await asyncio.sleep(0.02)
+        assert probe.calls == 0
+        a.answered()
         a.check()
         await asyncio.sleep(0.02)
         for _ in range(5):  # slow calls right after an answered probe: no new probe

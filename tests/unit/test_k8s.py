@@ -122,7 +122,7 @@ def test_every_pod_runs_ray_with_serve_apps_cluster_env(variant):
                for e in ray_container(group).get("env", [])}
         token = env.pop("SERVE_APP_API_TOKEN")
         assert token == {"secretKeyRef": {"name": "serve-app-api-token", "key": "token"}}
-        assert env == {**RAY_CLUSTER_ENV, **k8s.WRITABLE_ENV}
+        assert env == {**RAY_CLUSTER_ENV, **k8s.WRITABLE_ENV, **k8s.HAPROXY_ENV}
         assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
 
 
@@ -462,6 +462,35 @@ def test_a_compiled_model_must_be_baked_into_the_image(tmp_path):
     dockerfile.write_text(text.replace("    SERVE_APP_ARTIFACT_DIR=/home/ray/serve_app_artifacts \\\n", ""))
     errors = k8s.consistency_errors(k8s.manifest(CPU, root), CPU, root)
     assert any("SERVE_APP_ARTIFACT_DIR" in e for e in errors), errors
+
+
+def test_pods_run_haproxy_through_the_json_error_pages_the_image_installs(tmp_path):
+    """Every pod in HAProxy mode names serve_app's wrapper as Ray's HAProxy binary, and the
+    Dockerfile installs it there; either missing is an error naming what to add."""
+    root = copy_repo(tmp_path)
+    dockerfile = root / "Dockerfile"
+    text = dockerfile.read_text()
+    assert k8s.haproxy_page_errors(doc(GPU), text) == []
+    line = f"RUN python -m serve_app.haproxy_errors install {k8s.HAPROXY_DIR}\n"
+    assert line in text
+    dockerfile.write_text(text.replace(line, ""))
+    errors = k8s.consistency_errors(doc(GPU), GPU, root)
+    assert any("the Dockerfile does not install it" in e for e in errors), errors
+    d = doc(CPU)
+    worker = ray_container(d["spec"]["rayClusterConfig"]["workerGroupSpecs"][0])
+    worker["env"] = [e for e in worker["env"] if e["name"] != "RAY_SERVE_HAPROXY_BINARY_PATH"]
+    errors = k8s.haproxy_page_errors(d, text)
+    assert len(errors) == 1 and "RAY_SERVE_HAPROXY_BINARY_PATH must be" in errors[0], errors
+
+
+def test_the_wrapper_installs_from_its_command_line(tmp_path):
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "serve_app.haproxy_errors", "install",
+                          str(tmp_path / "h")], capture_output=True, text=True, check=True)
+    wrapper = Path(out.stdout.strip())
+    assert wrapper == tmp_path / "h" / "haproxy" and os.access(wrapper, os.X_OK)
+    assert (tmp_path / "h" / "502.http").read_bytes().startswith(b"HTTP/1.1 502 Bad Gateway")
 
 
 def test_dockerfile_must_use_the_pinned_ray_image(tmp_path):
