@@ -55,6 +55,20 @@ class FakeClassifier:
         return True
 
 
+class Resolving(FakeClassifier):
+    """Awaits the preprocessor's response before classifying, as Ray's router resolves a
+    DeploymentResponse argument (so a held preprocessor call holds the classifier call)."""
+
+    def __init__(self):
+        super().__init__()
+        self.classify = self
+
+    def remote(self, crops, top_ks, request_ids):
+        async def call():
+            return self._classify(await crops, top_ks, request_ids)
+        return call()
+
+
 class FakePreprocessor:
     def remote(self, images, request_ids):  # hands the bytes on, as the DeploymentResponse would
         if not images:  # the availability probe's empty call, which is awaited
@@ -367,16 +381,6 @@ def test_a_call_held_for_a_missing_replica_is_noticed_and_refused_with_not_ready
                 return images
             return held()
 
-    class Resolving(FakeClassifier):  # awaits the preprocessor's response, as Ray's router does
-        def __init__(self):
-            super().__init__()
-            self.classify = self
-
-        def remote(self, crops, top_ks, request_ids):
-            async def call():
-                return self._classify(await crops, top_ks, request_ids)
-            return call()
-
     async def scenario():
         settings = parse_app_config({"readiness_timeout_s": 0.1, "replica_probe_interval_s": 0.02,
                                      "stall_probe_after_s": 0.2})
@@ -457,16 +461,6 @@ def test_a_new_ingress_learns_the_replicas_first_and_its_first_slow_calls_are_on
                     await asyncio.sleep(0.01)
                 return images
             return held()
-
-    class Resolving(FakeClassifier):
-        def __init__(self):
-            super().__init__()
-            self.classify = self
-
-        def remote(self, crops, top_ks, request_ids):
-            async def call():
-                return self._classify(await crops, top_ks, request_ids)
-            return call()
 
     async def scenario():
         settings = parse_app_config({"readiness_timeout_s": 0.1, "replica_probe_interval_s": 0.02,
