@@ -99,6 +99,14 @@ def client(classifiers):
         yield c
 
 
+def _one_model_gateway(args: dict, preprocessor, classifier) -> Gateway:
+    """A Gateway over one model (the default), with these ``args`` and fake handles."""
+    settings = parse_app_config(args)
+    route, = topology.plan(settings)
+    return Gateway({route.name: ModelHandles(route.info.as_dict(), preprocessor, classifier,
+                                             route.classifier)}, settings, FakeMetrics())
+
+
 def _post(client, path, body, **params):
     return client.post(path, content=body, headers={"Content-Type": "image/jpeg"}, params=params)
 
@@ -325,11 +333,9 @@ def test_a_lost_replica_is_a_retryable_503_and_the_model_refuses_at_once_until_o
             return call()
 
     async def scenario():
-        settings = parse_app_config({"readiness_timeout_s": 0.05, "replica_probe_interval_s": 0.02})
-        route, = topology.plan(settings)
         dying = Dying()
-        gw = Gateway({route.name: ModelHandles(route.info.as_dict(), FakePreprocessor(), dying,
-                                               route.classifier)}, settings, FakeMetrics())
+        gw = _one_model_gateway({"readiness_timeout_s": 0.05, "replica_probe_interval_s": 0.02},
+                                FakePreprocessor(), dying)
         transport = httpx.ASGITransport(app=api.build_app(gw))
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
             post = lambda: c.post("/v1/classify", content=b"1234",  # noqa: E731
@@ -382,12 +388,9 @@ def test_a_call_held_for_a_missing_replica_is_noticed_and_refused_with_not_ready
             return held()
 
     async def scenario():
-        settings = parse_app_config({"readiness_timeout_s": 0.1, "replica_probe_interval_s": 0.02,
-                                     "stall_probe_after_s": 0.2})
-        route, = topology.plan(settings)
         pre = Gone()
-        gw = Gateway({route.name: ModelHandles(route.info.as_dict(), pre, Resolving(),
-                                               route.classifier)}, settings, FakeMetrics())
+        gw = _one_model_gateway({"readiness_timeout_s": 0.1, "replica_probe_interval_s": 0.02,
+                                 "stall_probe_after_s": 0.2}, pre, Resolving())
         transport = httpx.ASGITransport(app=api.build_app(gw))
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
             post = lambda: c.post("/v1/classify", content=b"1234",  # noqa: E731
@@ -429,10 +432,8 @@ def test_a_slow_call_with_replicas_up_is_only_waited_for():
             return call()
 
     async def scenario():
-        settings = parse_app_config({"readiness_timeout_s": 0.1, "stall_probe_after_s": 0.1})
-        route, = topology.plan(settings)
-        gw = Gateway({route.name: ModelHandles(route.info.as_dict(), FakePreprocessor(), Slow(),
-                                               route.classifier)}, settings, FakeMetrics())
+        gw = _one_model_gateway({"readiness_timeout_s": 0.1, "stall_probe_after_s": 0.1},
+                                FakePreprocessor(), Slow())
         transport = httpx.ASGITransport(app=api.build_app(gw))
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
             return await asyncio.gather(*(c.post("/v1/classify", content=b"1234",
@@ -463,11 +464,8 @@ def test_a_new_ingress_learns_the_replicas_first_and_its_first_slow_calls_are_on
             return held()
 
     async def scenario():
-        settings = parse_app_config({"readiness_timeout_s": 0.1, "replica_probe_interval_s": 0.02,
-                                     "stall_probe_after_s": 0.1})
-        route, = topology.plan(settings)
-        gw = Gateway({route.name: ModelHandles(route.info.as_dict(), Late(), Resolving(),
-                                               route.classifier)}, settings, FakeMetrics())
+        gw = _one_model_gateway({"readiness_timeout_s": 0.1, "replica_probe_interval_s": 0.02,
+                                 "stall_probe_after_s": 0.1}, Late(), Resolving())
         started = time.monotonic()
         await gw.warm()
         warm_s = time.monotonic() - started
