@@ -66,6 +66,50 @@ def test_parse_applications_counts_states():
     assert set(parse_applications(payload)) == {"Classifier", "X"}
 
 
+def test_status_client_reads_one_application_and_sends_the_token(monkeypatch):
+    """ServeStatusClient against a stand-in dashboard: the bearer token goes along, one
+    application's details come back, and an unreachable dashboard reads as empty."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from load_tests.sampling import APPLICATIONS_PATH, ServeStatusClient
+
+    seen = {}
+    payload = {"applications": {"serve_app": {"status": "RUNNING", "last_deployed_time_s": 7.5,
+                                              "deployments": {"Ingress": {
+                                                  "target_num_replicas": 1,
+                                                  "replicas": [{"state": "RUNNING"}]}}},
+                                "other": {"status": "DEPLOYING"}}}
+
+    class Dashboard(BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen["path"], seen["auth"] = self.path, self.headers.get("Authorization")
+            body = json.dumps(payload).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "secret")
+    server = HTTPServer(("127.0.0.1", 0), Dashboard)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}"
+        client = ServeStatusClient(url, "serve_app")
+        app = client.application()
+        assert app["status"] == "RUNNING" and app["last_deployed_time_s"] == 7.5
+        assert client.replicas() == {"Ingress": DeploymentReplicas(1, 1, 0, 0)}
+        assert seen == {"path": APPLICATIONS_PATH, "auth": "Bearer secret"}
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert ServeStatusClient(url, "serve_app", timeout_s=0.5).application() == {}
+
+
 def test_dashboard_url_from_serve_run_log():
     line = ("INFO worker.py:2029 -- Started a local Ray instance. View the dashboard at "
             "\x1b[1m\x1b[32mhttp://127.0.0.1:8266 \x1b[39m\x1b[22m")
