@@ -27,7 +27,11 @@ class Availability:
     the requests waiting in its grouping queue)."""
 
     def __init__(self, name: str, probe: Callable[[], Awaitable[object]], timeout_s: float,
-                 interval_s: float, on_down: Optional[Callable[[], None]] = None):
+                 interval_s: float, on_down: Optional[Callable[[], None]] = None,
+                 none_running: Optional[Callable[[], Awaitable[bool]]] = None):
+        """``none_running()``: whether the controller counts no running replica of the model's
+        deployments, asked before a slow call's failed probe takes the model down (None: the
+        probe alone decides)."""
         if timeout_s <= 0 or interval_s <= 0:
             raise ValueError("timeout_s and interval_s must be > 0")
         self.name = name
@@ -35,6 +39,8 @@ class Availability:
         self.timeout_s = timeout_s
         self.interval_s = interval_s
         self._on_down = on_down
+        self._none_running = none_running
+        self._stalled = False  # the watch under way began with a slow call, not a lost replica
         self.down_since: Optional[float] = None
         self.losses = 0  # calls that failed with a lost replica, since start
         self._task: Optional[asyncio.Task] = None
@@ -48,6 +54,7 @@ class Availability:
     def lost(self) -> None:
         """A call failed because its replica stopped: find out whether any other is up."""
         self.losses += 1
+        self._stalled = False
         self._start()
 
     def answered(self) -> None:
@@ -61,11 +68,25 @@ class Availability:
         the model has answered here: a new replica's first calls wait while its routers learn
         the replicas (seconds, on a busy machine), and that wait is no outage."""
         if self.ever_answered and time.monotonic() - self._answered_at >= self.interval_s:
-            self._start()
+            self._start(stalled=True)
 
-    def _start(self) -> None:
+    def _start(self, stalled: bool = False) -> None:
         if self._task is None or self._task.done():  # a check under way is not repeated
+            self._stalled = stalled
             self._task = asyncio.ensure_future(self._watch())
+
+    async def _outage(self) -> bool:
+        """After a failed probe: an outage, unless the watch began with a slow call and the
+        controller still counts running replicas. While a rollout swaps replicas, Ray held
+        calls for over 3 s with both versions running (twice in CI runs); refusing then
+        turned a wait into failed requests. A dead replica (no call failed, Ray re-sent it)
+        is counted out at its next health check."""
+        if not self._stalled or self._none_running is None:
+            return True
+        try:
+            return await self._none_running()
+        except Exception:
+            return False  # cannot tell: a slow call alone does not refuse requests
 
     async def _answers(self) -> bool:
         try:
@@ -81,6 +102,10 @@ class Availability:
 
     async def _watch(self) -> None:
         while not await self._answers():
+            if self.down_since is None and not await self._outage():
+                logger.info("%s did not answer a probe, but the controller counts running "
+                            "replicas (a rollout?): its requests wait", self.name)
+                return
             if self.down_since is None:
                 self.down_since = time.monotonic()
                 logger.warning("No replica of %s answers; refusing its requests with 503 until "

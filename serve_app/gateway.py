@@ -39,6 +39,16 @@ class ModelHandles:
     classifier_deployment: str  # its name, for the autoscaling report
 
 
+def running_replicas(deployments: tuple[str, ...]) -> dict[str, int]:
+    """RUNNING replicas of these deployments of this replica's application, by the
+    controller's count (``serve.status()``: a blocking controller call)."""
+    from ray import serve
+
+    app = serve.status().applications[serve.get_replica_context().app_name]
+    return {name: app.deployments[name].replica_states.get("RUNNING", 0)
+            for name in deployments if name in app.deployments}
+
+
 class _Model:
     def __init__(self, handles: ModelHandles, settings: AppConfig, metrics: IngressMetrics):
         self.handles = handles
@@ -49,13 +59,21 @@ class _Model:
                                    settings.dispatch.max_queued)
         self.availability = Availability(handles.info["name"], self._probe,
                                          settings.readiness_timeout_s,
-                                         settings.replica_probe_interval_s, self._went_down)
+                                         settings.replica_probe_interval_s, self._went_down,
+                                         self._none_running)
         self._calls: set[asyncio.Future] = set()  # in flight into the replicas
 
     async def _probe(self) -> None:
         """One empty preprocessor call and a classifier ``ready``: both deployments answer."""
         await self.handles.preprocessor.remote([], [])
         await self.handles.classifier.ready.remote()
+
+    async def _none_running(self) -> bool:
+        """Whether the controller counts no RUNNING replica of this model's preprocessor or
+        classifier (asked only when a slow call's probe failed)."""
+        names = (self.handles.preprocessor.deployment_name, self.handles.classifier_deployment)
+        counts = await asyncio.to_thread(running_replicas, names)
+        return min(counts.get(name, 0) for name in names) == 0
 
     async def warm(self) -> None:
         """One probe, so this replica's handles have learned the model's replicas before it

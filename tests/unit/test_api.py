@@ -361,17 +361,32 @@ def test_a_lost_replica_is_a_retryable_503_and_the_model_refuses_at_once_until_o
     assert served.status_code == 200
 
 
-def test_a_call_held_for_a_missing_replica_is_noticed_and_refused_with_not_ready():
-    """No replica of the preprocessor is up (Ray holds its calls for the replacement, so no
+@pytest.mark.parametrize("running", [0, 1], ids=["none-running", "rollout"])
+def test_a_call_held_for_a_missing_replica_is_noticed_and_refused_with_not_ready(monkeypatch,
+                                                                                running):
+    """No replica of the preprocessor answers (Ray holds its calls for the replacement, so no
     call fails): a call with no answer after stall_probe_after_s makes the ingress probe; the
-    probe hangs too, so the held request and the next ones get 503 not_ready (the held one is
-    cancelled), and once a replica answers again requests are served."""
+    probe hangs too. If the controller counts no running replica, the held request and the
+    next ones get 503 not_ready (the held one is cancelled); if it still counts one (a rollout
+    swapping replicas), the request only waits, and is served when the hold ends."""
     import asyncio
     import time
 
     import httpx
 
+    from serve_app import gateway
+
+    asked = []
+
+    def running_replicas(names):
+        asked.append(names)
+        return {name: running for name in names}
+
+    monkeypatch.setattr(gateway, "running_replicas", running_replicas)
+
     class Gone(FakePreprocessor):
+        deployment_name = "Preprocessor"
+
         def __init__(self):
             self.gone = False
             self.cancelled = 0
@@ -382,7 +397,7 @@ def test_a_call_held_for_a_missing_replica_is_noticed_and_refused_with_not_ready
                     while self.gone:
                         await asyncio.sleep(0.01)
                 except asyncio.CancelledError:
-                    self.cancelled += 1
+                    self.cancelled += bool(images)  # a request's call, not the probe's
                     raise
                 return images
             return held()
@@ -397,19 +412,26 @@ def test_a_call_held_for_a_missing_replica_is_noticed_and_refused_with_not_ready
                                   headers={"Content-Type": "image/jpeg"})
             assert (await post()).status_code == 200  # the model has answered here
             pre.gone = True
+            if running:  # the hold ends by itself after 0.6 s
+                asyncio.get_running_loop().call_later(0.6, setattr, pre, "gone", False)
             started = time.monotonic()
             held = await post()
             held_s = time.monotonic() - started
-            refused = await post()
+            after = await post()
             pre.gone = False
             await asyncio.sleep(0.2)
             served = await post()
-        return held, held_s, refused, served, pre.cancelled
+        return held, held_s, after, served, pre.cancelled
 
-    held, held_s, refused, served, cancelled = asyncio.run(scenario())
-    assert held.status_code == 503 and held.json()["error"]["code"] == "not_ready", held.text
-    assert 0.2 <= held_s < 1.0 and cancelled >= 1  # stall + probe timeout, not the 60 s bound
-    assert refused.status_code == 503 and refused.json()["error"]["code"] == "not_ready"
+    held, held_s, after, served, cancelled = asyncio.run(scenario())
+    assert asked and asked[0][0] == "Preprocessor"  # the controller was asked about both
+    if running:
+        assert held.status_code == 200 and held_s >= 0.5 and cancelled == 0, held.text
+        assert after.status_code == 200
+    else:
+        assert held.status_code == 503 and held.json()["error"]["code"] == "not_ready", held.text
+        assert 0.2 <= held_s < 1.0 and cancelled >= 1  # stall + probe timeout, not 60 s
+        assert after.status_code == 503 and after.json()["error"]["code"] == "not_ready"
     assert served.status_code == 200, served.text
 
 
