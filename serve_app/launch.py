@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import fcntl
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -150,6 +151,10 @@ def prepare_config(source: str | Path | dict, port: int,
     return data
 
 
+#: What ``serve run`` says when a port it was given is taken.
+_PORT_TAKEN = re.compile(r"Failed to bind to address|[Aa]ddress already in use")
+
+
 class ServeProcess:
     """``serve run`` on a config in a child process; a context manager.
 
@@ -179,7 +184,23 @@ class ServeProcess:
         self.proc: Optional[subprocess.Popen] = None
         self._ports: Optional[PortBlock] = None
 
-    def start(self) -> "ServeProcess":
+    def start(self, attempts: int = 3) -> "ServeProcess":
+        """Start and wait for readiness. A port picked free can be taken before Ray binds it
+        (once in a CI run: "Failed to bind to address" for the HTTP port, every test of the
+        shared service errored), so a start that fails that way is retried on new ports."""
+        for attempt in range(1, attempts + 1):
+            try:
+                return self._start_once()
+            except RuntimeError as exc:
+                if attempt == attempts or not _PORT_TAKEN.search(str(exc)):
+                    raise
+                self.port, self.metrics_port = free_ports(2)
+                self.url = f"http://127.0.0.1:{self.port}"
+                self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+                self.config = prepare_config(self.config, self.port)
+        raise AssertionError("unreachable")
+
+    def _start_once(self) -> "ServeProcess":
         self.config_path.write_text(yaml.safe_dump(self.config, sort_keys=False))
         self._ports = PortBlock()
         env = cluster_env({**RAY_CLUSTER_ENV, **self._ports.env(), **os.environ,

@@ -237,3 +237,38 @@ def test_every_shipped_deployment_starts_its_replacement_before_stopping_a_repli
     for app in configfile.load(path)["applications"]:
         for entry in app["deployments"]:
             assert entry.get("max_surge_percent", 0) >= 100, (path.name, entry["name"])
+
+
+def test_a_start_whose_port_was_taken_is_retried_on_new_ports(monkeypatch):
+    """The port picked free was taken before Ray bound it: start again on other ports; any
+    other failure is raised at once."""
+    from serve_app.launch import ServeProcess
+
+    class Flaky(ServeProcess):
+        def __init__(self, errors):
+            super().__init__(_local_config())
+            self.errors, self.seen = list(errors), []
+
+        def _start_once(self):
+            self.seen.append((self.port, self.metrics_port,
+                              self.config["http_options"]["port"], self.url))
+            if self.errors:
+                raise RuntimeError(self.errors.pop(0))
+            return self
+
+    svc = Flaky(["serve run exited with 1: RuntimeError: Failed to bind to address "
+                 "'127.0.0.1:42077'."])
+    try:
+        assert svc.start() is svc and len(svc.seen) == 2
+        (port1, metrics1, _, _), (port2, metrics2, cfg_port, url) = svc.seen
+        assert port2 != port1 and cfg_port == port2 and url.endswith(f":{port2}")
+        assert metrics2 != metrics1
+    finally:
+        svc.close()
+    other = Flaky(["serve run exited with 1: ValueError: bad config"])
+    try:
+        with pytest.raises(RuntimeError, match="bad config"):
+            other.start()
+        assert len(other.seen) == 1
+    finally:
+        other.close()
