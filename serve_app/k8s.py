@@ -30,7 +30,7 @@ from typing import Any, Iterable
 
 import yaml
 
-from serve_app import haproxy_errors
+from serve_app import haproxy_errors, placement
 from serve_app.configfile import APP_IMPORT_PATH, deployment_options, load
 from serve_app.launch import RAY_CLUSTER_ENV
 
@@ -513,6 +513,9 @@ def manifest(variant: Variant, root: Path = ROOT, image: str | None = None) -> d
                      "nodeSelector": {"nvidia.com/gpu.present": "true"}}
         workers.append({
             "groupName": g.name,
+            # Ray node labels (KubeRay passes them to `ray start --labels`): the deployments'
+            # label_selectors keep CPU-only replicas off GPU pods (serve_app/placement.py).
+            "labels": {placement.POOL_LABEL: g.name},
             "replicas": g.min_replicas,
             "minReplicas": g.min_replicas,
             "maxReplicas": g.max_replicas,
@@ -550,6 +553,7 @@ def manifest(variant: Variant, root: Path = ROOT, image: str | None = None) -> d
                     "volumeMounts": [{"name": AUTOSCALER_TMP, "mountPath": "/tmp"}],
                 },
                 "headGroupSpec": {
+                    "labels": {placement.POOL_LABEL: "head"},
                     "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0",
                                        "object-store-memory": str(head.object_store_mib * MIB),
                                        "metrics-export-port": str(METRICS_PORT)},
@@ -1041,6 +1045,40 @@ def pod_spec(group: dict[str, Any]) -> dict[str, Any]:
     return group["template"]["spec"]
 
 
+def node_types(doc: dict[str, Any]) -> list[placement.NodeType]:
+    """The Ray node types a RayService's groups make: labels, logical CPUs and GPUs as Ray
+    counts them (``num-cpus`` in rayStartParams, else the container's CPU limit)."""
+    cluster = doc["spec"]["rayClusterConfig"]
+    groups = [("head", cluster["headGroupSpec"])] + [
+        (g["groupName"], g) for g in cluster.get("workerGroupSpecs") or []]
+    out = []
+    for name, group in groups:
+        limits = (pod_spec(group)["containers"][0].get("resources") or {}).get("limits") or {}
+        params = group.get("rayStartParams") or {}
+        cpus = float(params["num-cpus"]) if "num-cpus" in params else quantity(limits.get("cpu", 0))
+        gpus = float(params["num-gpus"]) if "num-gpus" in params else quantity(
+            limits.get(GPU_RESOURCE, 0))
+        out.append(placement.NodeType(name, dict(group.get("labels") or {}), cpus, gpus))
+    return out
+
+
+def placement_errors(doc: dict[str, Any], variant: Variant) -> list[str]:
+    """Every deployment fits some group (labels and resources), and only the group its pods
+    were sized for: a replica that could also land elsewhere breaks the sizing."""
+    config = yaml.safe_load(doc["spec"]["serveConfigV2"])
+    nodes = node_types(doc)
+    errors = placement.placement_errors(config, nodes)
+    by_name = {r.name: r for r in replicas(config)}
+    for p in placement.placements(config):
+        planned = group_on(by_name[p.deployment], variant.gpu_group)
+        others = [n.name for n in nodes if n.name != planned and p.fits(n)]
+        if others:
+            errors.append(f"deployment {p.deployment}: replicas can land on {others} besides "
+                          f"the {planned!r} group its pods are sized for: give it a "
+                          f"ray_actor_options.label_selector on {placement.POOL_LABEL}")
+    return errors
+
+
 def check(root: Path = ROOT, crd_dir: Path | None = None) -> list[str]:
     """Every problem with the checked-in manifests; CRD validation only with ``crd_dir``."""
     problems = stale(root)
@@ -1053,6 +1091,7 @@ def check(root: Path = ROOT, crd_dir: Path | None = None) -> list[str]:
         monitor_path = root / PODMONITOR_PATH
         monitor = yaml.safe_load(monitor_path.read_text()) if monitor_path.exists() else None
         problems += [f"{v.output}: {e}" for e in metrics_errors(doc, monitor)]
+        problems += [f"{v.output}: placement: {e}" for e in placement_errors(doc, v)]
         if crd_dir is not None:
             problems += [f"{v.output}: CRD schema: {e}" for e in schema_errors(doc, crd_dir)]
     return problems

@@ -86,7 +86,7 @@ def client(service):
 
 #: Tests that time a cluster of their own against the CPU: run before the shared cluster above
 #: starts (it stays up for the whole package and would share the cores with them).
-RUN_FIRST = ("test_overload.py",)
+RUN_FIRST = ("test_overload.py", "test_multinode.py")
 
 
 def pytest_collection_modifyitems(session, config, items):
