@@ -4,7 +4,7 @@ A deployment's ``ray_actor_options.label_selector`` is a hard constraint in Ray 
 replica runs only on a node whose labels match every key. serve_app keeps its node pools
 apart with one label, :data:`POOL_LABEL` (``cpu`` or ``gpu``, set on each KubeRay worker
 group): CPU-only deployments select ``!gpu`` so spread placement cannot put them on a GPU
-pod (one did before, a whole GPU node's CPUs taken by preprocessors), the Classifier selects
+pod's spare CPUs and leave a classifier pending (docs/kubernetes.md), the Classifier selects
 ``!cpu`` and needs its fractional GPU. Negations match a node without the label, so
 ``serve run configs/gpu.yaml`` still works on one unlabelled GPU machine.
 
@@ -27,8 +27,6 @@ _IN = re.compile(r"^(!?)in\((.*)\)$")
 def value_matches(selector: str, value: str | None) -> bool:
     """One selector value (``a``, ``!a``, ``in(a, b)``, ``!in(a, b)``) against a node's value
     of that key (``None``: the node lacks the key)."""
-    if selector == "":
-        return True
     m = _IN.match(selector)
     if m:
         negate, options = m.group(1) == "!", {o.strip() for o in m.group(2).split(",")}
