@@ -725,13 +725,17 @@ def quantity(value: Any) -> float:
     return float(text)
 
 
+def _groups(doc: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(name, group spec) for the head ("head") and each worker group."""
+    cluster = doc["spec"]["rayClusterConfig"]
+    return [("head", cluster["headGroupSpec"])] + [
+        (g["groupName"], g) for g in cluster.get("workerGroupSpecs") or []]
+
+
 def _containers(doc: dict[str, Any]) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
     """(group, pod spec, ray container) for the head and each worker group."""
-    cluster = doc["spec"]["rayClusterConfig"]
-    groups = [("head", cluster["headGroupSpec"])] + [
-        (g["groupName"], g) for g in cluster.get("workerGroupSpecs") or []]
     return [(name, g["template"]["spec"], g["template"]["spec"]["containers"][0])
-            for name, g in groups]
+            for name, g in _groups(doc)]
 
 
 def artifact_errors(dockerfile_text: str, config: str) -> list[str]:
@@ -1048,11 +1052,8 @@ def pod_spec(group: dict[str, Any]) -> dict[str, Any]:
 def node_types(doc: dict[str, Any]) -> list[placement.NodeType]:
     """The Ray node types a RayService's groups make: labels, logical CPUs and GPUs as Ray
     counts them (``num-cpus`` in rayStartParams, else the container's CPU limit)."""
-    cluster = doc["spec"]["rayClusterConfig"]
-    groups = [("head", cluster["headGroupSpec"])] + [
-        (g["groupName"], g) for g in cluster.get("workerGroupSpecs") or []]
     out = []
-    for name, group in groups:
+    for name, group in _groups(doc):
         limits = (pod_spec(group)["containers"][0].get("resources") or {}).get("limits") or {}
         params = group.get("rayStartParams") or {}
         cpus = float(params["num-cpus"]) if "num-cpus" in params else quantity(limits.get("cpu", 0))

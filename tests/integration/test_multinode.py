@@ -167,10 +167,8 @@ def test_a_dead_gpu_node_moves_its_classifiers_to_the_other_while_requests_go_on
         time.sleep(5)
         times["killed"] = time.monotonic()
         c.remove_node(victim, allow_graceful=False)
-        _wait(lambda: [r for r in _replicas().get("Classifier", [])
-                       if r["node_id"] == survivor] if len(
-            [r for r in _replicas().get("Classifier", []) if r["node_id"] == survivor])
-            == CLASSIFIERS else None, 240, "every classifier on the surviving GPU node")
+        _wait(lambda: sum(r["node_id"] == survivor for r in _replicas().get("Classifier", []))
+              == CLASSIFIERS, 240, "every classifier on the surviving GPU node")
         times["moved"] = time.monotonic()
         time.sleep(5)  # load on the survivor alone
 
