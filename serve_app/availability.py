@@ -5,10 +5,12 @@ the deployment is up: with one classifier replica (``min_replicas: 1``) that is 
 replacement's start, and every client waits it out. So the ingress does not wait blindly:
 after a call fails because its replica was lost, or has had no answer for a while (Ray
 re-sends a call whose replica died and holds it for the replacement), it probes the model (a
-``ready`` call under a short timeout). If nothing answers, the model is *down*: new requests
-get 503 + Retry-After at once, so do those waiting, and the probe repeats until a replica
-answers. A surviving replica answers the first probe, and nothing is refused. Pure asyncio,
-no Ray.
+``ready`` call under a short timeout). If nothing answers and the controller counts no
+running replica of one of the model's deployments, the model is *down*: new requests get 503 +
+Retry-After at once, so do those waiting, and the probe repeats until a replica answers. A
+surviving replica answers the first probe, and nothing is refused; while the controller still
+counts running replicas (a rollout, a busy machine, a dead replica not yet counted out) the
+requests wait and the probe repeats. Pure asyncio, no Ray.
 """
 
 from __future__ import annotations
@@ -29,9 +31,9 @@ class Availability:
     def __init__(self, name: str, probe: Callable[[], Awaitable[object]], timeout_s: float,
                  interval_s: float, on_down: Optional[Callable[[], None]] = None,
                  none_running: Optional[Callable[[], Awaitable[bool]]] = None):
-        """``none_running()``: whether the controller counts no running replica of the model's
-        deployments, asked before a slow call's failed probe takes the model down (None: the
-        probe alone decides)."""
+        """``none_running()``: whether the controller counts no running replica of one of the
+        model's deployments, asked before a failed probe takes the model down (None: the probe
+        alone decides)."""
         if timeout_s <= 0 or interval_s <= 0:
             raise ValueError("timeout_s and interval_s must be > 0")
         self.name = name
@@ -40,7 +42,6 @@ class Availability:
         self.interval_s = interval_s
         self._on_down = on_down
         self._none_running = none_running
-        self._stalled = False  # the watch under way began with a slow call, not a lost replica
         self.down_since: Optional[float] = None
         self.losses = 0  # calls that failed with a lost replica, since start
         self._task: Optional[asyncio.Task] = None
@@ -54,7 +55,6 @@ class Availability:
     def lost(self) -> None:
         """A call failed because its replica stopped: find out whether any other is up."""
         self.losses += 1
-        self._stalled = False
         self._start()
 
     def answered(self) -> None:
@@ -68,20 +68,20 @@ class Availability:
         the model has answered here: a new replica's first calls wait while its routers learn
         the replicas (seconds, on a busy machine), and that wait is no outage."""
         if self.ever_answered and time.monotonic() - self._answered_at >= self.interval_s:
-            self._start(stalled=True)
+            self._start()
 
-    def _start(self, stalled: bool = False) -> None:
+    def _start(self) -> None:
         if self._task is None or self._task.done():  # a check under way is not repeated
-            self._stalled = stalled
             self._task = asyncio.ensure_future(self._watch())
 
     async def _outage(self) -> bool:
-        """After a failed probe: an outage, unless the watch began with a slow call and the
-        controller still counts running replicas. While a rollout swaps replicas, Ray held
-        calls for over 3 s with both versions running (twice in CI runs); refusing then
-        turned a wait into failed requests. A dead replica (no call failed, Ray re-sent it)
-        is counted out at its next health check."""
-        if not self._stalled or self._none_running is None:
+        """After a failed probe: an outage only if the controller counts no running replica.
+        While a rollout swaps replicas, Ray held calls for over 3 s with both versions running
+        (twice in CI runs), and a probe after a GPU node was lost found its dead replicas
+        while two others served (test_multinode); refusing then turned a wait into failed
+        requests. A dead replica is counted out at its next health check, and the next probe
+        then refuses."""
+        if self._none_running is None:
             return True
         try:
             return await self._none_running()
@@ -101,11 +101,15 @@ class Availability:
             return False
 
     async def _watch(self) -> None:
+        waiting = False
         while not await self._answers():
             if self.down_since is None and not await self._outage():
-                logger.info("%s did not answer a probe, but the controller counts running "
-                            "replicas (a rollout?): its requests wait", self.name)
-                return
+                if not waiting:
+                    logger.info("%s did not answer a probe, but the controller counts running "
+                                "replicas (a rollout?): its requests wait", self.name)
+                    waiting = True
+                await asyncio.sleep(self.interval_s)
+                continue
             if self.down_since is None:
                 self.down_since = time.monotonic()
                 logger.warning("No replica of %s answers; refusing its requests with 503 until "

@@ -24,6 +24,7 @@ from serve_app.errors import (NotReady, Overloaded, ReplicaLost, UnknownModel, f
                               is_replica_loss)
 from serve_app.crops import Crops
 from serve_app.metrics import IngressMetrics
+from serve_app.replica_counts import running_replicas
 
 logger = logging.getLogger("ray.serve")
 
@@ -37,16 +38,6 @@ class ModelHandles:
     preprocessor: Any  # DeploymentHandle
     classifier: Any  # DeploymentHandle
     classifier_deployment: str  # its name, for the autoscaling report
-
-
-def running_replicas(deployments: tuple[str, ...]) -> dict[str, int]:
-    """RUNNING replicas of these deployments of this replica's application, by the
-    controller's count (``serve.status()``: a blocking controller call)."""
-    from ray import serve
-
-    app = serve.status().applications[serve.get_replica_context().app_name]
-    return {name: app.deployments[name].replica_states.get("RUNNING", 0)
-            for name in deployments if name in app.deployments}
 
 
 class _Model:
@@ -69,11 +60,11 @@ class _Model:
         await self.handles.classifier.ready.remote()
 
     async def _none_running(self) -> bool:
-        """Whether the controller counts no RUNNING replica of this model's preprocessor or
-        classifier (asked only when a slow call's probe failed)."""
+        """Whether this model's preprocessor or classifier has no replica that can answer
+        (serve_app/replica_counts.py; asked only when a probe failed)."""
         names = (self.handles.preprocessor.deployment_name, self.handles.classifier_deployment)
         counts = await asyncio.to_thread(running_replicas, names)
-        return min(counts.get(name, 0) for name in names) == 0
+        return any(counts.get(name) == 0 for name in names)
 
     async def warm(self) -> None:
         """One probe, so this replica's handles have learned the model's replicas before it

@@ -70,6 +70,8 @@ class Resolving(FakeClassifier):
 
 
 class FakePreprocessor:
+    deployment_name = "Preprocessor"
+
     def remote(self, images, request_ids):  # hands the bytes on, as the DeploymentResponse would
         if not images:  # the availability probe's empty call, which is awaited
             async def empty():
@@ -304,14 +306,24 @@ def test_auth_without_its_token_fails_at_start_naming_the_setting(monkeypatch):
         _app_with_auth(monkeypatch, None)
 
 
-def test_a_lost_replica_is_a_retryable_503_and_the_model_refuses_at_once_until_one_answers():
+@pytest.mark.parametrize("listed", [{"Preprocessor": 1, "Classifier": 0}, {}],
+                         ids=["none-running", "app-rebuilding"])
+def test_a_lost_replica_is_a_retryable_503_and_the_model_refuses_at_once_until_one_answers(
+        monkeypatch, listed):
     """The classifier's replica dies mid-call (Ray's ActorDiedError): that request gets 503
-    replica_lost; the probe finds no replica, so the next requests get 503 not_ready without
-    reaching the classifier; once ``ready`` answers again, requests are served."""
+    replica_lost; the probe finds no replica and the controller counts no running classifier,
+    so the next requests get 503 not_ready without reaching the classifier; once ``ready``
+    answers again, requests are served. While a new config builds, the controller lists no
+    deployment at all (Ray clears its targets): no count is no outage, and requests wait."""
     import asyncio
 
     import httpx
     from ray.exceptions import ActorDiedError
+
+    from serve_app import gateway
+
+    monkeypatch.setattr(gateway, "running_replicas",
+                        lambda names: {n: listed[n] for n in names if n in listed})
 
     class Dying(FakeClassifier):
         def __init__(self):
@@ -355,9 +367,12 @@ def test_a_lost_replica_is_a_retryable_503_and_the_model_refuses_at_once_until_o
     lost, refused, v2, untouched, served = asyncio.run(scenario())
     assert lost.status_code == 503 and lost.json()["error"]["code"] == "replica_lost"
     assert lost.headers["retry-after"] == "1"
-    assert refused.status_code == 503 and refused.json()["error"]["code"] == "not_ready"
-    assert refused.headers["retry-after"] == "1" and untouched
-    assert v2.status_code == 503 and set(v2.json()) == {"error"}
+    if listed:
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "not_ready"
+        assert refused.headers["retry-after"] == "1" and untouched
+        assert v2.status_code == 503 and set(v2.json()) == {"error"}
+    else:  # not refused: it reached the classifier, whose replica was still "dead"
+        assert refused.json()["error"]["code"] == "replica_lost"
     assert served.status_code == 200
 
 

@@ -96,3 +96,41 @@ def test_slow_calls_probe_at_most_once_per_interval_but_a_loss_always_probes():
     after_checks, after_loss, calls, down, downs = asyncio.run(scenario())
     assert (after_checks, after_loss, calls) == (1, 2, 3)
     assert not down and downs == [] and calls == 3
+
+
+def test_while_the_controller_counts_running_replicas_a_failed_probe_only_waits():
+    """A probe that fails while the controller still counts running replicas (a rollout, a
+    dead replica not yet counted out) refuses nothing; the probe repeats, and once the
+    controller counts none the model goes down."""
+    async def scenario():
+        probe, downs, running = Probe(up=False), [], {"n": 1}
+
+        async def none_running():
+            return running["n"] == 0
+
+        a = Availability("m", probe, timeout_s=0.02, interval_s=0.01,
+                         on_down=lambda: downs.append(1), none_running=none_running)
+        a.lost()
+        await asyncio.sleep(0.15)
+        waited = (a.down, probe.calls)
+        running["n"] = 0
+        await asyncio.sleep(0.1)
+        return waited, a.down, downs
+
+    (down_while_running, calls), down_after, downs = asyncio.run(scenario())
+    assert not down_while_running and calls >= 3  # it kept asking, refusing nothing
+    assert down_after and downs == [1]
+
+
+def test_a_controller_that_cannot_answer_refuses_nothing():
+    async def scenario():
+        async def broken():
+            raise RuntimeError("controller unreachable")
+
+        a = Availability("m", Probe(up=False), timeout_s=0.02, interval_s=0.01,
+                         none_running=broken)
+        a.lost()
+        await asyncio.sleep(0.1)
+        return a.down
+
+    assert not asyncio.run(scenario())
