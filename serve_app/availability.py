@@ -79,8 +79,9 @@ class Availability:
         While a rollout swaps replicas, Ray held calls for over 3 s with both versions running
         (twice in CI runs), and a probe after a GPU node was lost found its dead replicas
         while two others served (test_multinode); refusing then turned a wait into failed
-        requests. A dead replica is counted out at its next health check, and the next probe
-        then refuses."""
+        requests. A killed replica is counted out (serve_app/replica_counts.py: by the GCS
+        within about a second, by the controller at its next health check), and the next
+        failed probe then refuses."""
         if self._none_running is None:
             return True
         try:

@@ -50,7 +50,6 @@ def process_started_at() -> float | None:
     """When this process started (epoch seconds, Linux /proc), to tell a replica's own start
     time from Ray's time to schedule and spawn it. None where /proc is not there."""
     import os
-    import time
 
     try:
         with open("/proc/self/stat") as f:

@@ -43,7 +43,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -304,20 +303,6 @@ def kill_cluster_processes(
             _wait_gone(left, 5.0)
 
 
-def _free_ports(n: int) -> List[int]:
-    sockets, ports = [], []
-    try:
-        while len(ports) < n:
-            s = socket.socket()
-            sockets.append(s)
-            s.bind(("", 0))
-            ports.append(s.getsockname()[1])
-        return ports
-    finally:
-        for s in sockets:
-            s.close()
-
-
 def _watchdog(parent_pid: int, parent_ticks: int, marker: str, temp_dir: str) -> None:
     """Runs in its own session: when the parent dies without having stopped the cluster
     (its stop file absent), stop every process of the cluster."""
@@ -466,7 +451,9 @@ class FakeAutoscalingCluster:
         names = ["gcs", "dashboard", "dashboard_agent_listen", "dashboard_agent_grpc",
                  "runtime_env_agent", "metrics_export", "client_server", "node_manager",
                  "object_manager"]
-        self.ports = dict(zip(names, _free_ports(len(names))))
+        from serve_app.launch import free_ports
+
+        self.ports = dict(zip(names, free_ports(len(names))))
         node_ip = get_node_ip_address()
         self.gcs_address = f"{node_ip}:{self.ports['gcs']}"
 

@@ -27,6 +27,7 @@ from serve_app.launch import free_port, prepare_config
 from tests.conftest import CONFIGS, encode
 from tests.integration.autoscaler_cluster import FakeAutoscalingCluster, fake_node_types
 from tests.integration.closed_loop import Load, summary
+from tests.integration.polling import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -67,6 +68,14 @@ def _gpu_nodes(ray) -> list[dict]:
     return [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU", 0) > 0]
 
 
+def _exactly(n: int, get):
+    """For wait_for: ``get()``'s value once it holds ``n`` items."""
+    def check():
+        value = get()
+        return value if len(value) == n else None
+    return check
+
+
 def _ready(url: str) -> bool:
     try:
         return httpx.get(f"{url}/readyz", timeout=5).status_code == 200
@@ -74,19 +83,10 @@ def _ready(url: str) -> bool:
         return False
 
 
-def _wait(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-
-
 def _first_batch_at(session_dir: str, replica_id: str) -> float | None:
     """Wall-clock time of a replica's first logged batch (its log file names its id)."""
-    for path in Path(session_dir, "logs", "serve").glob(f"replica_serve_app_Classifier_{replica_id}*.log"):
+    logs = Path(session_dir, "logs", "serve")
+    for path in logs.glob(f"replica_serve_app_Classifier_{replica_id}*.log"):
         for line in path.read_text(errors="replace").splitlines():
             if "request_ids=" in line and "batch of" in line:
                 found = _LOG_TIME.search(line)
@@ -116,7 +116,7 @@ def test_serve_demand_adds_a_gpu_node_that_serves_and_is_removed_when_idle(photo
             client = serve_private_api.serve_start(http_options=config["http_options"],
                                                    proxy_location="HeadOnly")
             client.deploy_apps(ServeDeploySchema.model_validate(config), _blocking=False)
-            _wait(lambda: _classifiers(serve)[1] and _ready(url), 300, "the application serving")
+            wait_for(lambda: _classifiers(serve)[1] and _ready(url), 300, "the application serving")
             first_up_s = time.monotonic() - began
             (first_gpu,) = _gpu_nodes(ray)
 
@@ -125,29 +125,29 @@ def test_serve_demand_adds_a_gpu_node_that_serves_and_is_removed_when_idle(photo
 
             def scale_up():
                 t["load"], t_wall = time.monotonic(), time.time()
-                _wait(lambda: _classifiers(serve)[0] == 2, 120, "Serve asking for 2 classifiers")
+                wait_for(lambda: _classifiers(serve)[0] == 2, 120, "Serve asking for 2 classifiers")
                 t["decision"] = time.monotonic()
-                gpus = _wait(lambda: len(_gpu_nodes(ray)) == 2 and _gpu_nodes(ray), 180,
-                             "a second GPU node")
+                gpus = wait_for(_exactly(2, lambda: _gpu_nodes(ray)), 180, "a second GPU node")
                 t["node_up"] = time.monotonic()
                 t["new_labels"] = next(n["Labels"] for n in gpus
                                        if n["NodeID"] != first_gpu["NodeID"])
-                running = _wait(lambda: len(_classifiers(serve)[1]) == 2 and _classifiers(serve)[1],
-                                180, "the second classifier RUNNING")
+                running = wait_for(_exactly(2, lambda: _classifiers(serve)[1]), 180,
+                                   "the second classifier RUNNING")
                 t["running"] = time.monotonic()
                 (new,) = [r for r in running if r["node_id"] != first_gpu["NodeID"]]
                 t["new"] = new
-                served_at = _wait(lambda: _first_batch_at(cluster.session_dir, new["replica_id"]),
-                                  60, "the new replica's first batch")
+                served_at = wait_for(
+                    lambda: _first_batch_at(cluster.session_dir, new["replica_id"]), 60,
+                    "the new replica's first batch")
                 t["serving"] = t["load"] + (served_at - t_wall)
                 time.sleep(5)
 
             load.run(0, during=scale_up)
             report = summary(load.answers, t["load"])
             stopped = time.monotonic()
-            _wait(lambda: len(_classifiers(serve)[1]) == 1, 120, "Serve back to 1 classifier")
+            wait_for(lambda: len(_classifiers(serve)[1]) == 1, 120, "Serve back to 1 classifier")
             t["replica_removed"] = time.monotonic()
-            _wait(lambda: len(_gpu_nodes(ray)) == 1, 180, "the idle GPU node removed")
+            wait_for(lambda: len(_gpu_nodes(ray)) == 1, 180, "the idle GPU node removed")
             t["node_removed"] = time.monotonic()
             after = httpx.post(f"{url}/v1/classify", content=encode(photos["chelsea"]),
                                headers={"Content-Type": "image/jpeg"}, timeout=60)

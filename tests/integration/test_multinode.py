@@ -22,10 +22,11 @@ from ray.cluster_utils import Cluster
 from ray.serve._private import api as serve_private_api
 from ray.serve.schema import ServeDeploySchema
 
-from serve_app import configfile, placement
+from serve_app import placement
 from serve_app.launch import RAY_CLUSTER_ENV, PortBlock, cluster_env, free_ports, prepare_config
 from tests.conftest import CONFIGS, encode
 from tests.integration.closed_loop import Load, summary
+from tests.integration.polling import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -54,16 +55,6 @@ def _replicas() -> dict[str, list[dict]]:
             for name, d in (app.get("deployments") or {}).items()}
 
 
-def _wait(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(1)
-    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-
-
 @pytest.fixture(scope="module")
 def cluster():
     ports = PortBlock()
@@ -87,7 +78,7 @@ def cluster():
         client = serve_private_api.serve_start(http_options=config["http_options"],
                                                proxy_location="EveryNode")
         client.deploy_apps(ServeDeploySchema.model_validate(config), _blocking=False)
-        _wait(lambda: len(_replicas().get("Classifier", [])) == CLASSIFIERS
+        wait_for(lambda: len(_replicas().get("Classifier", [])) == CLASSIFIERS
               and all(_replicas().get(d) for d in ("Ingress", "Preprocessor")), 300,
               "every replica RUNNING")
         yield c, nodes, config
@@ -142,7 +133,7 @@ def test_every_nodes_proxy_serves(cluster, photos):
     body = _body(photos)
     for name, (_, port) in nodes.items():
         url = f"http://127.0.0.1:{port}"
-        _wait(lambda: _ready(url), 120,
+        wait_for(lambda: _ready(url), 120,
               f"{name}'s proxy ready")
         r = httpx.post(f"{url}/v1/classify", content=body,
                        headers={"Content-Type": "image/jpeg"}, timeout=60)
@@ -167,7 +158,7 @@ def test_a_dead_gpu_node_moves_its_classifiers_to_the_other_while_requests_go_on
         time.sleep(5)
         times["killed"] = time.monotonic()
         c.remove_node(victim, allow_graceful=False)
-        _wait(lambda: sum(r["node_id"] == survivor for r in _replicas().get("Classifier", []))
+        wait_for(lambda: sum(r["node_id"] == survivor for r in _replicas().get("Classifier", []))
               == CLASSIFIERS, 240, "every classifier on the surviving GPU node")
         times["moved"] = time.monotonic()
         time.sleep(5)  # load on the survivor alone
