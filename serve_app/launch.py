@@ -151,8 +151,12 @@ def prepare_config(source: str | Path | dict, port: int,
     return data
 
 
-#: What ``serve run`` says when a port it was given is taken.
-_PORT_TAKEN = re.compile(r"Failed to bind to address|[Aa]ddress already in use")
+#: What ``serve run`` says when a start may succeed on a second try: a port it was given is
+#: taken, or Ray's HAProxy did not come up (once in a CI run: "did not take over the admin
+#: socket within 30 seconds", every test of that module errored; the same pair of tests then
+#: passed here).
+_RETRYABLE_START = re.compile(r"Failed to bind to address|[Aa]ddress already in use|"
+                              r"did not take over the admin socket|Failed to start HAProxy")
 
 
 class ServeProcess:
@@ -187,12 +191,13 @@ class ServeProcess:
     def start(self, attempts: int = 3) -> "ServeProcess":
         """Start and wait for readiness. A port picked free can be taken before Ray binds it
         (once in a CI run: "Failed to bind to address" for the HTTP port, every test of the
-        shared service errored), so a start that fails that way is retried on new ports."""
+        shared service errored), so a start that fails that way, or whose HAProxy did not come
+        up, is retried on new ports."""
         for attempt in range(1, attempts + 1):
             try:
                 return self._start_once()
             except RuntimeError as exc:
-                if attempt == attempts or not _PORT_TAKEN.search(str(exc)):
+                if attempt == attempts or not _RETRYABLE_START.search(str(exc)):
                     raise
                 self.port, self.metrics_port = free_ports(2)
                 self.url = f"http://127.0.0.1:{self.port}"

@@ -240,8 +240,8 @@ def test_every_shipped_deployment_starts_its_replacement_before_stopping_a_repli
 
 
 def test_a_start_whose_port_was_taken_is_retried_on_new_ports(monkeypatch):
-    """The port picked free was taken before Ray bound it: start again on other ports; any
-    other failure is raised at once."""
+    """The port picked free was taken before Ray bound it, or Ray's HAProxy did not come up:
+    start again on other ports; any other failure is raised at once."""
     from serve_app.launch import ServeProcess
 
     class Flaky(ServeProcess):
@@ -265,6 +265,13 @@ def test_a_start_whose_port_was_taken_is_retried_on_new_ports(monkeypatch):
         assert metrics2 != metrics1
     finally:
         svc.close()
+    haproxy = Flaky(["serve run exited with 1:\n(HAProxyManager pid=486) ERROR -- Failed to "
+                     "initialize and start HAProxy configuration: HAProxy (pid=523) did not take "
+                     "over the admin socket within 30 seconds."])
+    try:
+        assert haproxy.start() is haproxy and len(haproxy.seen) == 2
+    finally:
+        haproxy.close()
     other = Flaky(["serve run exited with 1: ValueError: bad config"])
     try:
         with pytest.raises(RuntimeError, match="bad config"):
