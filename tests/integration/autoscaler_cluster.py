@@ -16,7 +16,8 @@ k8s/rayservice.yaml.
   head's processes, the autoscaler monitor, the fake worker nodes it launches and their
   workers) or by the temp dir in their command line - by PID. It never runs ``ray stop``
   (which would stop every Ray cluster on the machine) and never calls
-  ``ray.cluster_utils.AutoscalingCluster.start()`` (which runs ``ray stop --force``).
+  ``ray.cluster_utils.AutoscalingCluster.start()`` (which force-stops every Ray process on
+  the machine).
   A watchdog process (own session) does the same clean-up if the caller dies without
   reaching ``__exit__`` (SIGKILL); SIGTERM is turned into ``SystemExit`` while the cluster
   is up, so ``__exit__`` runs (but once ``ray.init`` has run, Ray's own C++ SIGTERM handler
