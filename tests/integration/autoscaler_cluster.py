@@ -9,7 +9,7 @@ k8s/rayservice.yaml.
   resource, which Ray refuses), the smallest object store, and ``min_workers`` 0 by default.
   The ``GPU`` count and the group ``labels`` (``serve-app/pool: gpu`` ...) are kept, so a
   "gpu" node declares ``GPU: 1`` without a real GPU.
-- :class:`FakeAutoscalingCluster` (a context manager) writes the config to a private temp
+- :class:`FakeProviderCluster` (a context manager) writes the config to a private temp
   dir, runs ``ray start --head`` on free ports with ``--temp-dir`` and
   ``--autoscaling-config``, waits until the v2 autoscaler reports, and on exit stops every
   process it started - found by a marker variable in their environment (inherited by the
@@ -321,8 +321,8 @@ def _watchdog(parent_pid: int, parent_ticks: int, marker: str, temp_dir: str) ->
 
 # --------------------------------------------------------------------------- cluster
 
-class FakeAutoscalingCluster:
-    """``with FakeAutoscalingCluster(node_types) as c: ray.init(address=c.gcs_address)``.
+class FakeProviderCluster:
+    """``with FakeProviderCluster(node_types) as c: ray.init(address=c.gcs_address)``.
 
     ``node_types`` defaults to :func:`fake_node_types` of k8s/rayservice.yaml. ``auth_mode``:
     "token" or "disabled"; default: ``$RAY_AUTH_MODE``, else "token" when a token exists
@@ -423,7 +423,7 @@ class FakeAutoscalingCluster:
         return get_cluster_status(self.gcs_address)
 
     # -- start ----------------------------------------------------------------------------
-    def __enter__(self) -> "FakeAutoscalingCluster":
+    def __enter__(self) -> "FakeProviderCluster":
         try:
             self._start()
         except BaseException:

@@ -25,7 +25,7 @@ import pytest
 from serve_app import placement
 from serve_app.launch import free_port, prepare_config
 from tests.conftest import CONFIGS, encode
-from tests.integration.autoscaler_cluster import FakeAutoscalingCluster, fake_node_types
+from tests.integration.autoscaler_cluster import FakeProviderCluster, fake_node_types
 from tests.integration.closed_loop import Load, summary
 from tests.integration.polling import wait_for
 
@@ -107,7 +107,7 @@ def test_serve_demand_adds_a_gpu_node_that_serves_and_is_removed_when_idle(photo
     port = free_port()
     config = _config(port)
     url = f"http://127.0.0.1:{port}"
-    with FakeAutoscalingCluster(node_types, idle_timeout_minutes=IDLE_TIMEOUT_S / 60) as cluster:
+    with FakeProviderCluster(node_types, idle_timeout_minutes=IDLE_TIMEOUT_S / 60) as cluster:
         ray.init(address=cluster.gcs_address, namespace="serve", logging_level="WARNING",
                  log_to_driver=False)
         try:
