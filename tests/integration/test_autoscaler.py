@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 from serve_app import placement
-from serve_app.launch import free_port, prepare_config
+from serve_app.launch import free_port, http_get, prepare_config
 from tests.conftest import CONFIGS, encode
 from tests.integration.autoscaler_cluster import FakeProviderCluster, fake_node_types
 from tests.integration.closed_loop import Load, summary
@@ -76,13 +76,6 @@ def _exactly(n: int, get):
     return check
 
 
-def _ready(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/readyz", timeout=5).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
 def _first_batch_at(session_dir: str, replica_id: str) -> float | None:
     """Wall-clock time of a replica's first logged batch (its log file names its id)."""
     logs = Path(session_dir, "logs", "serve")
@@ -116,7 +109,8 @@ def test_serve_demand_adds_a_gpu_node_that_serves_and_is_removed_when_idle(photo
             client = serve_private_api.serve_start(http_options=config["http_options"],
                                                    proxy_location="HeadOnly")
             client.deploy_apps(ServeDeploySchema.model_validate(config), _blocking=False)
-            wait_for(lambda: _classifiers(serve)[1] and _ready(url), 300, "the application serving")
+            wait_for(lambda: _classifiers(serve)[1] and http_get(f"{url}/readyz")[0] == 200, 300,
+                     "the application serving")
             first_up_s = time.monotonic() - began
             (first_gpu,) = _gpu_nodes(ray)
 

@@ -23,7 +23,8 @@ from ray.serve._private import api as serve_private_api
 from ray.serve.schema import ServeDeploySchema
 
 from serve_app import placement
-from serve_app.launch import RAY_CLUSTER_ENV, PortBlock, cluster_env, free_ports, prepare_config
+from serve_app.launch import (RAY_CLUSTER_ENV, PortBlock, cluster_env, free_ports, http_get,
+                              prepare_config)
 from tests.conftest import CONFIGS, encode
 from tests.integration.closed_loop import Load, summary
 from tests.integration.polling import wait_for
@@ -98,13 +99,6 @@ def _labels_by_node() -> dict[str, dict]:
     return {n["NodeID"]: n.get("Labels") or {} for n in ray.nodes() if n["Alive"]}
 
 
-def _ready(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/readyz", timeout=5).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
 def _body(photos) -> bytes:
     return encode(photos["chelsea"])
 
@@ -133,7 +127,7 @@ def test_every_nodes_proxy_serves(cluster, photos):
     body = _body(photos)
     for name, (_, port) in nodes.items():
         url = f"http://127.0.0.1:{port}"
-        wait_for(lambda: _ready(url), 120,
+        wait_for(lambda: http_get(f"{url}/readyz")[0] == 200, 120,
               f"{name}'s proxy ready")
         r = httpx.post(f"{url}/v1/classify", content=body,
                        headers={"Content-Type": "image/jpeg"}, timeout=60)
