@@ -27,6 +27,7 @@ from typing import Optional
 
 from load_tests import replica_starts, shapes, timeline
 from load_tests.client import require_loopback
+from load_tests.photos import parse_size
 from serve_app.configfile import APP_IMPORT_PATH
 from load_tests.sampling import Sampler, ServeStatusClient, dashboard_url_from_log
 
@@ -65,10 +66,10 @@ def at_min(counts: dict, mins: dict[str, int]) -> bool:
 
 
 def run_locust(url: str, profile: shapes.Profile, log_path: Path, wait_s: float,
-               max_requests: int, out: Path) -> int:
+               max_requests: int, out: Path, photo_size: str = "640x480") -> int:
     """Locust headless in a child process; returns its exit code (1 = some requests failed)."""
     cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", url,
-           *profile.as_args(), "--wait-s", str(wait_s), "--request-log", str(log_path),
+           *profile.as_args(), "--wait-s", str(wait_s), "--photo-size", photo_size, "--request-log", str(log_path),
            "--max-requests", str(max_requests), "--only-summary", "--loglevel", "WARNING",
            "--stop-timeout", "30"]
     with open(out / "locust.log", "wb") as log:
@@ -217,7 +218,8 @@ def run(args: argparse.Namespace) -> dict:
         sampler.start()
         stack.callback(sampler.stop)
         print(f"load: {profile.name} for {profile.duration_s:g}s against {url}", flush=True)
-        locust_rc = run_locust(url, profile, request_log, args.wait_s, args.max_requests, out)
+        locust_rc = run_locust(url, profile, request_log, args.wait_s, args.max_requests, out,
+                               args.photo_size)
         load_done = time.time()
         deadline = load_done + args.settle
         while time.time() < deadline and not at_min(sampler.latest(), mins):
@@ -264,6 +266,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--base-users", type=int, default=2)
     p.add_argument("--peak-users", type=int, default=32)
     p.add_argument("--wait-s", type=float, default=0.1, help="each user's think time")
+    p.add_argument("--photo-size", default="640x480",
+                   help="WIDTHxHEIGHT of the photos Locust sends (160x120: cheap decoding, for "
+                        "configs/autoscale-sim*.yaml)")
     p.add_argument("--settle", type=float, default=90.0,
                    help="after the load, wait at most this long for min_replicas")
     p.add_argument("--p95-target-ms", type=float, default=2000.0,
@@ -273,6 +278,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded in summary.json
     if not 0 < args.duration <= MAX_DURATION_S:
         p.error(f"--duration must be in (0, {MAX_DURATION_S}]")
+    try:
+        parse_size(args.photo_size)
+    except ValueError as exc:
+        p.error(f"--photo-size: {exc}")
     return args
 
 

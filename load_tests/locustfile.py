@@ -23,9 +23,8 @@ from typing import Any, Optional
 from locust import FastHttpUser, LoadTestShape, events, task
 
 from load_tests import shapes
-from load_tests.photos import photos_jpeg
+from load_tests.photos import parse_size, photos_jpeg
 
-PHOTOS = photos_jpeg()
 SPAWN_RATE = 100.0  # users per second: steps are steps, not ramps
 
 
@@ -41,6 +40,8 @@ def _options(parser: Any) -> None:
                         help="think time between a user's requests")
     parser.add_argument("--batch-fraction", type=float, default=0.1, env_var="LOAD_BATCH_FRACTION",
                         help="share of requests sent to /v1/classify/batch (2-4 photos each)")
+    parser.add_argument("--photo-size", default="640x480", env_var="LOAD_PHOTO_SIZE",
+                        help="WIDTHxHEIGHT of the photos sent (smaller: cheaper to decode)")
     parser.add_argument("--request-log", default="", env_var="LOAD_REQUEST_LOG",
                         help="append one CSV row per request to this file")
     parser.add_argument("--max-requests", type=int, default=20000, env_var="LOAD_MAX_REQUESTS",
@@ -98,7 +99,8 @@ class ClassifyUser(FastHttpUser):
         options = self.environment.parsed_options
         self.wait_s = options.wait_s if options else 0.1
         self.batch_fraction = options.batch_fraction if options else 0.1
-        self.photos = itertools.cycle(random.sample(PHOTOS, len(PHOTOS)))
+        photos = photos_jpeg(parse_size(options.photo_size) if options else (640, 480))
+        self.photos = itertools.cycle(random.sample(photos, len(photos)))
         # A service with args.auth (k8s/): the token from the same variable the ingress reads.
         token = os.environ.get("SERVE_APP_API_TOKEN")
         self.auth = {"Authorization": f"Bearer {token}"} if token else {}

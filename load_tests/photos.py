@@ -48,9 +48,20 @@ def encode(array: np.ndarray, fmt: str = "JPEG", size: tuple[int, int] | None = 
 
 
 @lru_cache(maxsize=None)
-def photos_jpeg() -> tuple[tuple[str, bytes], ...]:
-    """(name, 640x480 JPEG bytes) for every available sample photo."""
-    return tuple((name, encode(img)) for name, img in sorted(_sources().items()))
+def photos_jpeg(size: tuple[int, int] = SIZE) -> tuple[tuple[str, bytes], ...]:
+    """(name, JPEG bytes at ``size``, 640x480 by default) for every available sample photo."""
+    return tuple((name, encode(img, size=size)) for name, img in sorted(_sources().items()))
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``"160x120"`` -> (160, 120)."""
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"a photo size is WIDTHxHEIGHT, e.g. 640x480, not {text!r}") from None
+    if width < 1 or height < 1:
+        raise ValueError(f"a photo size must be positive, not {text!r}")
+    return width, height
 
 
 def large_jpeg(width: int = 6400, height: int = 6250, quality: int = 90) -> bytes:

@@ -20,6 +20,7 @@ from serve_app.config import parse_app_config
 from serve_app.gateway import ModelHandles
 from serve_app.ingress import Ingress
 from serve_app.preprocessor import Preprocessor
+from serve_app.simulated_classifier import SimulatedClassifier
 
 
 def build_app(args: Optional[dict[str, Any]] = None) -> Application:
@@ -39,8 +40,14 @@ def build_app(args: Optional[dict[str, Any]] = None) -> Application:
                 settings.decode_budget_pixels)
         # The description travels with the model: the classifier replica then never imports
         # torchvision when it loads a compiled artifact (~2 s less CPU per start).
-        classifier = Classifier.options(name=route.classifier).bind(
-            route.model, settings.warmup_iterations, route.info, settings.log_requests,
+        # A simulated accelerator (model.name: simulated) takes the same arguments but no
+        # description: a ModelInfo would import torch (serve_app/models.py) into its replica.
+        if route.model.is_simulated:
+            deployment, info = SimulatedClassifier, None
+        else:
+            deployment, info = Classifier, route.info
+        classifier = deployment.options(name=route.classifier).bind(
+            route.model, settings.warmup_iterations, info, settings.log_requests,
             settings.classifier_nice)
         # A plain dict: the ingress then never imports torch (about 340 MiB less per replica).
         models[route.name] = ModelHandles(route.info.as_dict(), preprocessors[route.preprocessor],

@@ -13,14 +13,14 @@ import torch
 from ray import serve
 
 from serve_app import artifacts, fault_injection, imaging, models
-from serve_app.config import ClassifierSettings, ModelConfig, parse_classifier_settings
-from serve_app.metrics import ClassifierMetrics
+from serve_app.classifier_base import DEFAULTS as _DEFAULTS
+from serve_app.classifier_base import ClassifierBase
+from serve_app.config import ModelConfig
+from serve_app.crops import Crops
 from serve_app.runtime import (assigned_resources, configure_torch_threads, cpu_threads,
-                               lower_priority, process_started_at, select_device)
+                               lower_priority, select_device)
 
 logger = logging.getLogger("ray.serve")
-
-_DEFAULTS = ClassifierSettings()
 
 
 class Predictor:
@@ -100,7 +100,7 @@ class Predictor:
     max_ongoing_requests=32,
     user_config=_DEFAULTS.model_dump(),
 )
-class Classifier:
+class Classifier(ClassifierBase):
     """Model replicas. Requests are batched by ``@serve.batch``; size and wait come from
     ``user_config`` so ``serve deploy`` retunes them without reloading the model."""
 
@@ -109,24 +109,14 @@ class Classifier:
                  nice: int = 0):
         init_started = time.perf_counter()
         self.nice = lower_priority(nice)
-        self.metrics = ClassifierMetrics(model.id)
+        self._init_counters(model.id, log_requests)
         self.metrics.starting(True)
-        self.log_requests = log_requests
         resources = self._resources = assigned_resources()
         self.threads = configure_torch_threads(resources)
         self.predictor = Predictor(model, select_device(resources), self.threads, info=info)
         loaded = time.perf_counter()
         self.metrics.start_phase("load", loaded - init_started)
-        self.settings = _DEFAULTS
-        self._batches = 0
-        self._images = 0
-        self._busy_s = 0.0
-        self._images_in_flight = 0
-        self._calls = 0
         self._skew_seen: dict[tuple, int] = {}  # crop sizes not this model's: images resized
-        self._reported = (0, 0, 0.0)  # the counters at the last autoscaling report
-        self._last_stats: dict[str, float] = {}
-        self._first_batch: dict[str, float] = {}
         self.warmup_iterations = warmup_iterations
         self._warm_sizes = set(self.predictor.sizes_to_warm(_DEFAULTS.max_batch_size))
         self.predictor.warm_up(sorted(self._warm_sizes), warmup_iterations)
@@ -167,7 +157,7 @@ class Classifier:
             builder.terminate()  # a replica that stops takes its build along; others rebuild
 
     def reconfigure(self, user_config: dict) -> None:
-        self.settings = parse_classifier_settings(user_config)
+        self._apply_batch_settings(user_config)
         share = cpu_threads(self._resources)
         threads = configure_torch_threads(threads=self.settings.torch_threads or share)
         if threads > share and os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
@@ -183,8 +173,6 @@ class Classifier:
             self.threads, cold = threads, self._warm_sizes
         if cold:
             self.predictor.warm_up(sorted(cold), self.warmup_iterations)
-        self._predict_batch.set_max_batch_size(self.settings.max_batch_size)
-        self._predict_batch.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
 
     @serve.batch(max_batch_size=_DEFAULTS.max_batch_size,
                  batch_wait_timeout_s=_DEFAULTS.batch_wait_timeout_s)
@@ -203,56 +191,17 @@ class Classifier:
         # batches that then queue behind it (mean batch 1.0 at 32 clients). Blocking here
         # makes the next batch take everything that arrived during this forward pass.
         probs = self.predictor.predict(batch)
-        forward_s = time.perf_counter() - started
-        self._busy_s += forward_s
-        waits = [started - queued_at for _, _, queued_at in images]
-        self.metrics.batch(len(images), forward_s, waits)
-        if self.log_requests:
-            ids = list(dict.fromkeys(rid for _, rid, _ in images))
-            logger.info("request_ids=%s batch of %d images: forward %.1f ms, waited up to "
-                        "%.1f ms", ",".join(ids), len(images), forward_s * 1000,
-                        max(waits) * 1000,
-                        extra={"request_ids": ids, "serve_app_stage": "classifier"})
-        if not self._first_batch:
-            # When this replica began serving, and what its start cost in CPU (the process's
-            # own user + system time: Ray's worker start, imports, load, warm-up).
-            times = os.times()
-            self._first_batch = {"first_batch_at": time.time(),
-                                 "cpu_s_before_serving": round(times.user + times.system, 2),
-                                 "process_started_at": process_started_at() or 0.0}
-            logger.info("Classifier first batch: at %.3f (epoch), %.2f CPU-s spent before it, "
-                        "init %.2fs, %s, process started at %.3f",
-                        self._first_batch["first_batch_at"],
-                        self._first_batch["cpu_s_before_serving"], self.init_s,
-                        "compiled" if self.predictor.compiled else "eager",
-                        self._first_batch["process_started_at"])
-        self._batches += 1
-        self._images += len(images)
+        self._record_batch(images, started, time.perf_counter() - started)
         return list(probs)
 
-    async def classify(self, crops: imaging.Crops, top_ks: list[int],
-                       request_ids: list[str] | None = None) -> list:
-        """Top-k labels for each image of a group (a preprocessor's output), in input order; an
-        image that failed preprocessing gets its error back in its place.
+    def _batch_inputs(self, crops: Crops) -> torch.Tensor:
+        return self._fit(torch.from_numpy(crops.pixels.copy()))  # Ray's array is read-only
 
-        Every image joins the ``@serve.batch`` queue on its own, so images of concurrent groups
-        share forward passes up to ``max_batch_size``.
-        """
-        pixels = self._fit(torch.from_numpy(crops.pixels.copy()))  # Ray's array is read-only
-        # The ids of the images that decoded (a failed image has no crop), in crop order.
-        ids = [rid for rid, error in zip(request_ids or [""] * len(top_ks), crops.errors)
-               if error is None]
-        self._calls += 1
-        self._images_in_flight += len(pixels)
-        now = time.perf_counter()
-        try:
-            probs = iter(await asyncio.gather(*(self._predict_batch((p, rid, now))
-                                                for p, rid in zip(pixels, ids))))
-        finally:
-            self._images_in_flight -= len(pixels)
-        categories = self.predictor.info.categories
-        return [imaging.top_k(next(probs), k, categories) if error is None else error
-                for error, k in zip(crops.errors, top_ks)]
+    def _answer(self, probs: torch.Tensor, k: int) -> list[dict]:
+        return imaging.top_k(probs, k, self.predictor.info.categories)
+
+    def _mode(self) -> str:
+        return "compiled" if self.predictor.compiled else "eager"
 
     def _fit(self, pixels: torch.Tensor) -> torch.Tensor:
         """Crops of another model's size (a model change rolling out) resized to this one's."""
@@ -265,10 +214,6 @@ class Classifier:
             self._skew_seen[tuple(pixels.shape[-2:])] += len(pixels)
             return imaging.fit_crops(pixels, size)
         return pixels
-
-    def ready(self) -> bool:
-        """Answers only once __init__ (load + warm-up) has finished."""
-        return True
 
     async def check_health(self) -> None:
         """Ray's health check (``health_check_period_s``): a one-image forward pass in a thread,
@@ -290,25 +235,6 @@ class Classifier:
             raise RuntimeError(f"a one-image forward pass did not finish in {timeout}s: the "
                                "model is wedged") from None
 
-    async def record_autoscaling_stats(self) -> dict[str, float]:
-        """Ray's custom autoscaling metrics hook, read by serve_app.autoscaling: the batch size,
-        the images in the replica now (a call carries several, so Ray's request count
-        understates the load), and the mean fill and forward-pass latency of the batches since
-        the last call (the last known values when none ran, so an idle replica still reports
-        its speed)."""
-        now = (self._batches, self._images, self._busy_s)
-        batches, images, busy = (a - b for a, b in zip(now, self._reported))
-        self._reported = now
-        if batches:
-            self._last_stats = {"batch_fill": images / batches, "batch_latency_s": busy / batches}
-        return {"max_batch_size": float(self.settings.max_batch_size),
-                "images_in_flight": float(self._images_in_flight), **self._last_stats}
-
     def stats(self) -> dict:
-        """Counters since start, for benchmarks: calls received, batches run and images
-        classified. ``replica`` tells replicas apart, so a benchmark can sum over them."""
-        return {"replica": serve.get_replica_context().replica_id.unique_id,
-                "calls": self._calls, "batches": self._batches, "images": self._images,
-                "threads": self.threads, "compiled": self.predictor.compiled,
-                "init_s": round(self.init_s, 3), **self._first_batch,
-                "device": str(self.predictor.device), **self.settings.model_dump()}
+        return {**self._stats(), "threads": self.threads, "compiled": self.predictor.compiled,
+                "device": str(self.predictor.device)}

@@ -28,6 +28,43 @@ class _Strict(BaseModel):
 SERVED_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 
 
+class SimulatedModelConfig(_Strict):
+    """A simulated accelerator (``model.name: simulated``): each batch holds the replica for a
+    service time from a latency profile and returns well-formed predictions, with no network
+    and no torch, so N replicas are N times the capacity even on a laptop
+    (serve_app/simulated.py)."""
+
+    base_ms: Optional[float] = Field(None, ge=0, description=(
+        "Linear profile t(n) = base_ms + per_image_ms * n, in ms."))
+    per_image_ms: Optional[float] = Field(None, ge=0, description="See base_ms.")
+    service_ms: Optional[dict[int, float]] = Field(None, min_length=1, description=(
+        "A measured table instead: batch size -> ms (e.g. a GPU's, or load_tests' raw results); "
+        "interpolated linearly between sizes, extended along the last two beyond them."))
+    start_s: float = Field(15.0, ge=0, le=600, description=(
+        "How long a new replica takes before it serves: a real GPU replica's model load and "
+        "warm-up, spent sleeping."))
+    crop_size: int = Field(224, ge=8, le=1024, description=(
+        "The side of the crops the preprocessor cuts for it (smaller decodes cost less CPU)."))
+    num_classes: int = Field(1000, ge=1, le=100_000)
+
+    @model_validator(mode="after")
+    def _one_profile(self):
+        linear = (self.base_ms, self.per_image_ms)
+        if self.service_ms is not None:
+            if any(v is not None for v in linear):
+                raise ValueError("service_ms: give either service_ms or base_ms/per_image_ms")
+            if any(n < 1 for n in self.service_ms) or any(v < 0 for v in self.service_ms.values()):
+                raise ValueError("service_ms: batch sizes must be >= 1 and times >= 0")
+        elif any(v is None for v in linear):
+            raise ValueError("base_ms: a simulated model needs base_ms and per_image_ms, or "
+                             "service_ms")
+        return self
+
+
+#: ``model.name`` of the simulated accelerator.
+SIMULATED = "simulated"
+
+
 class ModelConfig(_Strict):
     """Which network to serve and where its weights come from."""
 
@@ -58,7 +95,10 @@ class ModelConfig(_Strict):
     artifact_dir: Optional[str] = Field(None, description=(
         "Where compiled artifacts are kept ($VARS expanded). null: $SERVE_APP_ARTIFACT_DIR, "
         "else ~/.cache/serve_app/artifacts."))
-    seed: int = Field(0, description="Seed for random weights.")
+    seed: int = Field(0, description="Seed for random weights (and a simulated model's labels).")
+    simulated: Optional[SimulatedModelConfig] = Field(None, description=(
+        "The latency profile and start time of `name: simulated`, a stand-in accelerator for "
+        "autoscaling experiments (serve_app/simulated.py)."))
 
     @property
     def id(self) -> str:
@@ -75,8 +115,21 @@ class ModelConfig(_Strict):
             raise ValueError(f"{info.field_name} {value!r} names an unset environment variable")
         return expanded
 
+    @property
+    def is_simulated(self) -> bool:
+        return self.name == SIMULATED
+
     @model_validator(mode="after")
     def _check_known(self):
+        if self.is_simulated or self.simulated is not None:
+            if not self.is_simulated:
+                raise ValueError(f"simulated: only for name: {SIMULATED}, not {self.name!r}")
+            if self.simulated is None:
+                raise ValueError("simulated: name: simulated needs its latency profile, e.g. "
+                                 "simulated: {base_ms: 20, per_image_ms: 5}")
+            if self.compile:
+                raise ValueError("compile: a simulated model has no network to compile")
+            return self
         from serve_app import models  # imports torchvision; keep the schema importable without it
 
         models.check_model_config(self)

@@ -12,7 +12,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
@@ -64,6 +64,7 @@ class ModelInfo:
     categories: tuple[str, ...]
     weights_source: str
     architecture: str = ""
+    simulated: Optional[dict] = None  # a simulated accelerator's profile (serve_app/simulated.py)
 
     @property
     def num_classes(self) -> int:
@@ -71,6 +72,7 @@ class ModelInfo:
 
     def as_dict(self) -> dict:
         return {
+            **({"simulated": self.simulated} if self.simulated is not None else {}),
             "name": self.name,
             "architecture": self.architecture or self.name,
             "input_size": [3, self.transform.crop_size, self.transform.crop_size],
@@ -121,6 +123,8 @@ def check_model_config(cfg: "ModelConfig") -> None:
 
 def describe(cfg: "ModelConfig") -> ModelInfo:
     """Transform, labels and weights source of a configured model (no weights are read)."""
+    if cfg.is_simulated:
+        return _describe_simulated(cfg)
     import torchvision
     from torchvision.models import get_model_weights
 
@@ -141,6 +145,20 @@ def describe(cfg: "ModelConfig") -> ModelInfo:
     else:
         source = f"torchvision:{get_model_weights(cfg.name)[cfg.weights].name}"
     return ModelInfo(cfg.id, spec, tuple(categories), source, cfg.name)
+
+
+def _describe_simulated(cfg: "ModelConfig") -> ModelInfo:
+    """A simulated accelerator: decoded and cropped as an ImageNet model would be (at its
+    ``crop_size``), labelled ``simulated_<i>``, and saying what it is in /v1/models."""
+    from serve_app.simulated import categories
+
+    sim = cfg.simulated
+    spec = TransformSpec(resize_size=sim.crop_size * 8 // 7, crop_size=sim.crop_size,
+                         mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+                         interpolation="bilinear")
+    profile = sim.model_dump(exclude_none=True, exclude={"crop_size", "num_classes"})
+    return ModelInfo(cfg.id, spec, categories(sim.num_classes), "simulated", "simulated",
+                     simulated=profile)
 
 
 def build_model(cfg: "ModelConfig") -> torch.nn.Module:

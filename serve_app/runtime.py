@@ -1,10 +1,17 @@
-"""Where a replica runs: its CPU share and its device. Read from Ray's assignment, not guessed."""
+"""Where a replica runs: its CPU share and its device. Read from Ray's assignment, not guessed.
+
+torch is imported where it is used: the simulated classifier's replica (no network) and the
+ingress use this module without it.
+"""
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from serve_app.config import threads_for_share
+
+if TYPE_CHECKING:
+    import torch
 
 
 def assigned_resources() -> dict[str, float]:
@@ -32,6 +39,8 @@ def cpu_threads(resources: dict[str, float] | None = None) -> int:
 def configure_torch_threads(resources: dict[str, float] | None = None,
                             threads: int | None = None) -> int:
     """Set torch's intra-op threads: ``threads`` when given, else :func:`cpu_threads`."""
+    import torch
+
     threads = threads or cpu_threads(resources)
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
@@ -40,6 +49,8 @@ def configure_torch_threads(resources: dict[str, float] | None = None,
 
 def select_device(resources: dict[str, float] | None = None) -> torch.device:
     """CUDA when Ray gave this replica a GPU (Ray sets CUDA_VISIBLE_DEVICES), else the CPU."""
+    import torch
+
     gpus = (resources if resources is not None else assigned_resources()).get("GPU", 0)
     if gpus > 0 and torch.cuda.is_available():
         return torch.device("cuda", 0)

@@ -7,7 +7,10 @@ same cluster (one cluster start instead of three):
 - "/mobilenet": mobilenet_v2 with the real weights file named by
   SERVE_APP_TEST_MOBILENET_V2_WEIGHTS (added only when that variable is set);
 - "/multi": configs/multi-model.yaml (EfficientNet-Lite0 and -Lite2, real weights), eager and
-  small, its classifiers still autoscaling (tests/integration/test_multi_model.py).
+  small, its classifiers still autoscaling (tests/integration/test_multi_model.py);
+- "/sim" and "/sim0": configs/autoscale-sim.yaml's simulated accelerator, one replica each,
+  with its latency profile and with a profile of 0 ms, whose difference is the service time
+  (tests/integration/test_simulated.py).
 
 The cluster gets 3 logical CPUs for the applications' small shares: room for "/multi" to add a
 classifier replica, none for the default application's Classifier (0.8) to scale.
@@ -57,6 +60,23 @@ def _multi_model_app() -> dict:
     return app
 
 
+#: The profile "/sim" serves (configs/autoscale-sim.yaml's, with a short start).
+SIM_PROFILE = {"base_ms": 200, "per_image_ms": 40, "start_s": 1, "crop_size": 64}
+
+
+def _simulated_app(name: str, profile: dict) -> dict:
+    """configs/autoscale-sim.yaml's application at ``/name``, one replica per deployment."""
+    app = configfile.load(CONFIGS / "autoscale-sim.yaml")["applications"][0]
+    app.update(name=name, route_prefix=f"/{name}")
+    app["args"]["model"] = {"name": "simulated", "simulated": profile}
+    app.pop("autoscaling_policy", None)
+    for entry in app["deployments"]:
+        entry.pop("autoscaling_config", None)
+        entry["num_replicas"] = 1
+        entry["ray_actor_options"] = {"num_cpus": 0.02}
+    return app
+
+
 def _add_test_apps(config: dict) -> None:
     base = config["applications"][0]
     base["args"]["log_requests"] = True
@@ -67,6 +87,9 @@ def _add_test_apps(config: dict) -> None:
         config["applications"].append(_small_app(
             base, "mobilenet", {"name": "mobilenet_v2", "weights_path": f"${MOBILENET_ENV}"}))
     config["applications"].append(_multi_model_app())
+    config["applications"].append(_simulated_app("sim", SIM_PROFILE))
+    config["applications"].append(_simulated_app(
+        "sim0", {**SIM_PROFILE, "base_ms": 0, "per_image_ms": 0}))
 
 
 @pytest.fixture(scope="package")

@@ -291,6 +291,21 @@ def test_demo_configs_differ_only_in_the_policy():
     assert demo == default
 
 
+def test_simulated_configs_differ_only_in_the_policy():
+    """On the simulated accelerator each call carries one image, so Ray's default and serve_app's
+    policy count the same thing and share every setting, the targets included."""
+    sim, default = _app("autoscale-sim.yaml"), _app("autoscale-sim-default.yaml")
+    policy = sim.pop("autoscaling_policy")
+    assert policy["policy_function"] == "serve_app.autoscaling:AppPolicy"
+    assert isinstance(AppPolicy(**policy["policy_kwargs"]), AppPolicy)
+    assert "autoscaling_policy" not in default
+    assert sim == default
+    assert sim["args"]["dispatch"]["max_batch_size"] == 1
+    classifier = next(d for d in sim["deployments"] if d["name"] == "Classifier")
+    assert (classifier["autoscaling_config"]["target_ongoing_requests"]
+            == classifier["user_config"]["max_batch_size"])
+
+
 def test_demo_policy_kwargs_build_the_policy():
     policy = _app("autoscale-demo.yaml")["autoscaling_policy"]
     assert isinstance(AppPolicy(**policy["policy_kwargs"]), AppPolicy)
