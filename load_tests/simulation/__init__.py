@@ -1,0 +1,1 @@
+"""A discrete-event and a fleet simulator of serve_app under Ray Serve autoscaling."""
