@@ -18,6 +18,7 @@ from typing import Any, Sequence
 from ray import serve
 
 from serve_app import crops as crops_module
+from serve_app.batch_stats import BatchCounter
 from serve_app.config import ClassifierSettings, parse_classifier_settings
 from serve_app.metrics import ClassifierMetrics
 from serve_app.runtime import process_started_at
@@ -34,13 +35,8 @@ class ClassifierBase:
         self.metrics = ClassifierMetrics(model_id)
         self.log_requests = log_requests
         self.settings = DEFAULTS
-        self._batches = 0
-        self._images = 0
-        self._busy_s = 0.0
-        self._images_in_flight = 0
+        self.load = BatchCounter()
         self._calls = 0
-        self._reported = (0, 0, 0.0)  # the counters at the last autoscaling report
-        self._last_stats: dict[str, float] = {}
         self._first_batch: dict[str, float] = {}
         self.init_s = 0.0
 
@@ -66,7 +62,7 @@ class ClassifierBase:
 
     def _record_batch(self, images: list[tuple], started: float, forward_s: float) -> None:
         """Count a batch that ran ``forward_s`` from ``started`` (perf_counter)."""
-        self._busy_s += forward_s
+        self.load.batch(len(images), forward_s)
         waits = [started - queued_at for _, _, queued_at in images]
         self.metrics.batch(len(images), forward_s, waits)
         if self.log_requests:
@@ -87,8 +83,6 @@ class ClassifierBase:
                         self._first_batch["first_batch_at"],
                         self._first_batch["cpu_s_before_serving"], self.init_s, self._mode(),
                         self._first_batch["process_started_at"])
-        self._batches += 1
-        self._images += len(images)
 
     async def classify(self, crops: crops_module.Crops, top_ks: list[int],
                        request_ids: list[str] | None = None) -> list:
@@ -103,13 +97,13 @@ class ClassifierBase:
         ids = [rid for rid, error in zip(request_ids or [""] * len(top_ks), crops.errors)
                if error is None]
         self._calls += 1
-        self._images_in_flight += len(images)
+        self.load.images_in_flight += len(images)
         now = time.perf_counter()
         try:
             results = iter(await asyncio.gather(*(self._predict_batch((image, rid, now))
                                                   for image, rid in zip(images, ids))))
         finally:
-            self._images_in_flight -= len(images)
+            self.load.images_in_flight -= len(images)
         return [self._answer(next(results), k) if error is None else error
                 for error, k in zip(crops.errors, top_ks)]
 
@@ -118,23 +112,14 @@ class ClassifierBase:
         return True
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
-        """Ray's custom autoscaling metrics hook, read by serve_app.autoscaling: the batch size,
-        the images in the replica now (a call carries several, so Ray's request count
-        understates the load), and the mean fill and forward-pass latency of the batches since
-        the last call (the last known values when none ran, so an idle replica still reports
-        its speed)."""
-        now = (self._batches, self._images, self._busy_s)
-        batches, images, busy = (a - b for a, b in zip(now, self._reported))
-        self._reported = now
-        if batches:
-            self._last_stats = {"batch_fill": images / batches, "batch_latency_s": busy / batches}
-        return {"max_batch_size": float(self.settings.max_batch_size),
-                "images_in_flight": float(self._images_in_flight), **self._last_stats}
+        """Ray's custom autoscaling metrics hook, read by serve_app.autoscaling
+        (serve_app/batch_stats.py says what it holds)."""
+        return self.load.report(self.settings.max_batch_size)
 
     def _stats(self) -> dict:
         """Counters since start, for benchmarks: calls received, batches run and images
         classified. ``replica`` tells replicas apart, so a benchmark can sum over them."""
         return {"replica": serve.get_replica_context().replica_id.unique_id,
-                "calls": self._calls, "batches": self._batches, "images": self._images,
+                "calls": self._calls, "batches": self.load.batches, "images": self.load.images,
                 "init_s": round(self.init_s, 3), **self._first_batch,
                 **self.settings.model_dump()}

@@ -16,7 +16,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from serve_app.autoscaling import IMAGES_QUEUED, images_queued_key
+from serve_app.autoscaling import IMAGES_QUEUED, images_offered_key, images_queued_key
+from serve_app.batch_stats import RateMeter
 from serve_app.availability import Availability
 from serve_app.batching import CallBatcher, QueueFull
 from serve_app.config import AppConfig
@@ -45,6 +46,7 @@ class _Model:
         self.handles = handles
         self.settings = settings
         self.metrics = metrics
+        self.offered = RateMeter()  # images/s asked of this model (serve_app.autoscaling)
         self.batcher = CallBatcher(self._classify_group, settings.dispatch.max_batch_size,
                                    settings.dispatch.max_in_flight, self._dispatched,
                                    settings.dispatch.max_queued)
@@ -196,6 +198,7 @@ class Gateway:
                        request_id: str) -> list[dict]:
         """One encoded image's top-k, through the model's grouping queue."""
         model = self._model(name)
+        model.offered.add()  # before any refusal: demand the policy must see
         model.check_up()
         try:
             pending = model.batcher.submit((data, top_k, request_id))
@@ -210,8 +213,9 @@ class Gateway:
         """Already preprocessed images ((N, 3, S, S) uint8, or float32 in [0, 1]) straight to
         the classifier, whose ``@serve.batch`` queue they share with every other image."""
         model = self._model(name)
-        model.check_up()
         n = len(pixels)
+        model.offered.add(n)
+        model.check_up()
         crops = Crops(pixels, [None] * n)
         return await self._bounded(model.call(
             model.handles.classifier.classify.remote(crops, [top_k] * n, [request_id] * n)))
@@ -233,10 +237,12 @@ class Gateway:
         await asyncio.gather(*(one(m) for m in models))
 
     def autoscaling_stats(self) -> dict[str, float]:
-        """Images waiting here for a free call slot, in all and per classifier deployment:
-        load the classifiers' own request counts cannot see (serve_app.autoscaling)."""
+        """Images waiting here for a free call slot, in all and per classifier deployment, and
+        the images/s offered per classifier, refused ones included: load the classifiers' own
+        request counts cannot see (serve_app.autoscaling)."""
         stats = {IMAGES_QUEUED: float(self.queued)}
         for model in self._models.values():
-            stats[images_queued_key(model.handles.classifier_deployment)] = float(
-                model.batcher.queued)
+            deployment = model.handles.classifier_deployment
+            stats[images_queued_key(deployment)] = float(model.batcher.queued)
+            stats[images_offered_key(deployment)] = model.offered.rate()
         return stats

@@ -31,6 +31,7 @@ from load_tests.simulation.settings import SimSettings
 from load_tests.timeline import Request
 from serve_app import autoscaling as policy_keys
 from serve_app import topology
+from serve_app.batch_stats import BatchCounter, RateMeter
 from serve_app.simulated import service_time_s
 
 ARRIVAL, PRE_DONE, BATCH_DONE, BATCH_TIMER, WAKE, TICK = range(6)
@@ -74,30 +75,15 @@ class _Classifier:
     busy: bool = False
     timer_armed: bool = False
     ongoing_calls: int = 0
-    images_in_flight: int = 0
-    batches: int = 0
-    images: int = 0
-    busy_s: float = 0.0
-    reported: tuple = (0, 0, 0.0)
-    last_stats: dict = field(default_factory=dict)
+    load: BatchCounter = field(default_factory=BatchCounter)  # the replica's own bookkeeping
 
 
 @dataclass
 class _Ingress:
+    offered: RateMeter  # images/s asked of the model, as the real ingress counts them
     pending: deque = field(default_factory=deque)
     in_flight: int = 0
     ongoing: int = 0
-
-
-def classifier_stats(c: _Classifier, max_batch_size: int) -> dict[str, float]:
-    """What Classifier.record_autoscaling_stats returns (serve_app/classifier_base.py)."""
-    batches, images, busy = (a - b for a, b in zip((c.batches, c.images, c.busy_s), c.reported))
-    c.reported = (c.batches, c.images, c.busy_s)
-    if batches:
-        c.last_stats = {policy_keys.BATCH_FILL: images / batches,
-                        policy_keys.BATCH_LATENCY_S: busy / batches}
-    return {policy_keys.MAX_BATCH_SIZE: float(max_batch_size),
-            policy_keys.IMAGES_IN_FLIGHT: float(c.images_in_flight), **c.last_stats}
 
 
 class DiscreteEventSim:
@@ -139,7 +125,7 @@ class DiscreteEventSim:
     def _attach(self, name: str, r: Any) -> None:
         if r.data is None:
             r.data = _Classifier() if name == topology.CLASSIFIER else (
-                _Ingress() if name == topology.INGRESS else None)
+                _Ingress(RateMeter(self._now)) if name == topology.INGRESS else None)
 
     def _pool(self, name: str):
         return self.ctrl.pools[name]
@@ -157,6 +143,9 @@ class DiscreteEventSim:
             return min(ok, key=load) if len(ok) == 2 and load(ok[0]) != load(ok[1]) else ok[0]
         ok = [r for r in replicas if load(r) < cap]
         return self.rng.choice(ok) if ok else None
+
+    def _now(self) -> float:
+        return self.clock.now
 
     # ---- the request path
     def _arrive(self, now: float, user: int = -1) -> None:
@@ -179,6 +168,7 @@ class DiscreteEventSim:
     def _ingress_accept(self, ing: Any, req: _Req, now: float) -> None:
         d, g = ing.data, self.s.dispatch
         d.ongoing += 1
+        d.offered.add()
         if d.in_flight >= g.max_in_flight and len(d.pending) >= g.max_queued:
             d.ongoing -= 1
             self._finish(req, now, 503)
@@ -215,7 +205,7 @@ class DiscreteEventSim:
             call.replica = rep
             c = rep.data
             c.ongoing_calls += 1
-            c.images_in_flight += call.n
+            c.load.images_in_flight += call.n
             c.queue.extend([call] * call.n)
             self._maybe_batch(rep, now)
 
@@ -238,14 +228,12 @@ class DiscreteEventSim:
     def _batch_done(self, rep: Any, batch: list, took: float, now: float) -> None:
         c = rep.data
         c.busy = False
-        c.batches += 1
-        c.images += len(batch)
-        c.busy_s += took
+        c.load.batch(len(batch), took)
         for call in batch:
             call.remaining -= 1
             if call.remaining == 0:
                 c.ongoing_calls -= 1
-                c.images_in_flight -= call.n
+                c.load.images_in_flight -= call.n
                 self._call_done(call, now)
         self._maybe_batch(rep, now)
         self._route_calls(now)
@@ -353,11 +341,12 @@ class DiscreteEventSim:
 
     def _replica_point(self, name: str, r: Any) -> dict:
         if name == topology.CLASSIFIER:
-            return classifier_stats(r.data, self.batch_max)
+            return r.data.load.report(self.batch_max)
         if name == topology.INGRESS:
             q = float(len(r.data.pending))
             return {policy_keys.IMAGES_QUEUED: q,
-                    policy_keys.images_queued_key(topology.CLASSIFIER): q}
+                    policy_keys.images_queued_key(topology.CLASSIFIER): q,
+                    policy_keys.images_offered_key(topology.CLASSIFIER): r.data.offered.rate()}
         return {topology.FEEDS + topology.CLASSIFIER: 1.0}
 
     def _sample(self, t: float) -> None:

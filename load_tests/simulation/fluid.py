@@ -182,12 +182,17 @@ class FluidSim:
                     if last_fill is not None:
                         stats[policy_keys.BATCH_FILL] = last_fill
                         stats[policy_keys.BATCH_LATENCY_S] = s_fill
+                        # What serve_app.batch_stats fits from the sizes a replica ran: exact
+                        # for a linear profile once two sizes have run.
+                        stats[policy_keys.FULL_BATCH_THROUGHPUT] = th_max
                     self._metrics(now, cls, "Classifier", handle_q_calls, per_rep / group, stats)
                 if self._is_due(ing, now):
                     q_per_ing = (ingress_q - ref) / n_ing
                     self._metrics(now, ing, "Ingress", 0.0, inflight[k] / n_ing, {
                         policy_keys.IMAGES_QUEUED: q_per_ing,
-                        policy_keys.images_queued_key(topology.CLASSIFIER): q_per_ing})
+                        policy_keys.images_queued_key(topology.CLASSIFIER): q_per_ing,
+                        policy_keys.images_offered_key(topology.CLASSIFIER):
+                            arrival_rate / n_ing})
                 if self._is_due(pre, now):
                     n_pre = max(1, pre.count(RUNNING))
                     self._metrics(now, pre, "Preprocessor", 0.0,

@@ -257,6 +257,8 @@ def test_a_full_queue_is_503_overloaded_with_retry_after_in_both_protocols():
             v2 = await c.post(f"/v2/models/{LITE0}/infer", json={"inputs": [{
                 "name": "images", "datatype": "BYTES", "shape": [1], "data": ["YQ=="]}]})
             assert gw.autoscaling_stats()["images_queued"] == 1
+            # Every image asked for counts towards the rate the policy sizes for, refused too.
+            assert gw._models[route.name].offered.count == 4
             blocking.release.set()
             served = await asyncio.gather(*held)
         return refused, v2, served
