@@ -63,18 +63,33 @@ def test_rate_term_sizes_for_demand_no_queue_holds():
         autoscaling.BatchAwarePolicy(utilization_target=0)
 
 
+def test_the_rate_floor_has_no_band_of_its_own():
+    """The queue count keeps a hold band; the rate term (its headroom is its utilization
+    target) rounds up and lets go as soon as one replica fewer is enough."""
+    assert autoscaling.desired_replicas(3, 2, 8, 1, 8, rate_needed=0.9) == 1
+    assert autoscaling.desired_replicas(3, 2, 8, 1, 8, rate_needed=1.2) == 2
+    assert autoscaling.desired_replicas(14, 2, 8, 1, 8, rate_needed=0.5) == 2  # the band holds
+    assert autoscaling.desired_replicas(3, 1, 8, 1, 4, rate_needed=9.0) == 4  # max_replicas
+
+
 def _decide(ctx, offered):
     return autoscaling.BatchAwarePolicy(latency_target_s=0.5).decide(ctx, None, offered)[0]
 
 
 def test_app_policy_reads_the_rate_the_ingress_reports():
-    from ray.serve._private.common import DeploymentID
+    from ray.serve._private.common import DeploymentID, TimeStampedValue
 
     classifier = {**reported(batch=32, fill=8, latency_s=0.012),
                   FULL_BATCH_THROUGHPUT: {"r0": 1333.3}}
-    ingress = {autoscaling.images_offered_key("Classifier"): {"i0": 2500.0, "i1": 2500.0}}
+    # The newest report of each ingress replica counts, not the window mean (which lags by the
+    # Ingress's look_back_period_s, 30 s by Ray's default).
+    key = autoscaling.images_offered_key("Classifier")
+    window = {key: {"i0": 300.0, "i1": 300.0}}
+    raw = {key: {r: [TimeStampedValue(1.0, 100.0), TimeStampedValue(2.0, 2500.0)]
+                 for r in ("i0", "i1")}}
     contexts = {
-        DeploymentID("Ingress", APP): context("Ingress", total=2, current=2, metrics=ingress),
+        DeploymentID("Ingress", APP): context("Ingress", total=2, current=2, metrics=window,
+                                              raw=raw),
         DeploymentID("Classifier", APP): context(total=4, current=1, metrics=classifier,
                                                  max_replicas=10),
     }
