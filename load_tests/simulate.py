@@ -83,7 +83,7 @@ def simulate(settings: SimSettings, shape: str, duration_s: float, *, closed: bo
         sim = DiscreteEventSim(settings, Load(profile, closed, wait_s, rates), duration_s,
                                seed=seed, settle_s=settle_s)
         res = sim.run()
-        columns, rows = report.build_timeline_fast(res.requests, res.samples, profile, end_s)
+        columns, rows = timeline.build_timeline(res.requests, res.samples, profile, end_s)
         summary = timeline.summarize(res.requests, res.samples, rows, profile, end_s, mins,
                                      p95_target_ms, meta)
         samples, requests, fluid = res.samples, res.requests, None

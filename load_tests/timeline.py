@@ -8,6 +8,7 @@ profile started (t=0 is Locust's first tick).
 from __future__ import annotations
 
 import math
+from bisect import bisect_right
 from collections import Counter
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Optional, Sequence
@@ -89,23 +90,33 @@ def _sample_at(samples: Sequence[Sample], t: float) -> Optional[Mapping[str, Dep
 
 def build_timeline(requests: Sequence[Request], samples: Sequence[Sample], profile: Profile,
                    end_s: float) -> tuple[list[str], list[dict]]:
-    """One row per second from 0 to ``end_s``: (columns, rows)."""
+    """One row per second from 0 to ``end_s``: (columns, rows). Requests sorted once and
+    found by bisection: a long run (the simulator's) has hundreds of thousands."""
     deployments = deployments_of(samples)
     columns = list(BASE_COLUMNS[:2])
     for name in deployments:
         columns += [f"{name}_target", f"{name}_running"]
     columns += list(BASE_COLUMNS[2:])
     by_end = sorted(requests, key=lambda r: r.end)
+    ends = [r.end for r in by_end]
+    starts = sorted(r.start for r in requests)
     rows = []
+    si, counts = 0, None
     for second in range(int(math.ceil(end_s)) + 1):
         t = float(second)
-        counts = _sample_at(samples, t) or {}
-        finished = [r for r in by_end if t - 1 < r.end <= t]
-        window = [r.latency_s * 1000 for r in by_end if t - PERCENTILE_WINDOW_S < r.end <= t]
+        while si < len(samples) and samples[si][0] <= t:
+            if samples[si][1]:
+                counts = samples[si][1]
+            si += 1
+        c_map = counts or {}
+        lo, hi = bisect_right(ends, t - 1), bisect_right(ends, t)
+        finished = by_end[lo:hi]
+        w_lo = bisect_right(ends, t - PERCENTILE_WINDOW_S)
+        window = [r.latency_s * 1000 for r in by_end[w_lo:hi]]
         errors = Counter(r.status for r in finished if not r.ok)
         row: dict = {"t_s": second, "users": profile.users_at(t) or 0}
         for name in deployments:
-            c = counts.get(name)
+            c = c_map.get(name)
             row[f"{name}_target"] = c.target if c else ""
             row[f"{name}_running"] = c.running if c else ""
         row.update(
@@ -113,7 +124,7 @@ def build_timeline(requests: Sequence[Request], samples: Sequence[Sample], profi
             p50_ms=_round(percentile(window, 50)),
             p95_ms=_round(percentile(window, 95)),
             p99_ms=_round(percentile(window, 99)),
-            ongoing=sum(1 for r in requests if r.start <= t < r.end),
+            ongoing=bisect_right(starts, t) - bisect_right(ends, t),
             errors=sum(errors.values()),
             errors_by_status=" ".join(f"{code}:{n}" for code, n in sorted(errors.items())),
         )
@@ -204,9 +215,24 @@ def summarize(requests: Sequence[Request], samples: Sequence[Sample], rows: Sequ
     failed = [r for r in requests if not r.ok]
     hold = profile.hold
     held = [r.latency_s * 1000 for r in requests if hold and hold[0] <= r.start < hold[1]]
+    return {
+        **scaling_summary(samples, rows, profile, end_s, min_replicas, p95_target_ms, meta),
+        "requests": len(requests),
+        "failed": len(failed),
+        "failed_by_status": {str(k): v for k, v in sorted(Counter(r.status for r in failed).items())},
+        "hold_latency_ms": {f"p{q}": _round(percentile(held, q)) for q in (50, 95, 99)},
+        "p95_hold_ms": _round(percentile(held, 95)),
+        "requests_while_stopping": requests_while_stopping(requests, samples),
+    }
+
+
+def scaling_summary(samples: Sequence[Sample], rows: Sequence[dict], profile: Profile,
+                    end_s: float, min_replicas: Mapping[str, int], p95_target_ms: float,
+                    meta: Mapping[str, object]) -> dict:
+    """The summary's keys that come from replica samples and timeline rows alone (the
+    simulator's fleet mode has no per-request records for the rest)."""
+    hold = profile.hold
     per_dep = replica_seconds(samples, end_s)
-    seen = {name: max((c[name].running for _, c in samples if name in c), default=0)
-            for name in deployments_of(samples)}
     return {
         **meta,
         "profile": {"shape": profile.name, "duration_s": profile.duration_s,
@@ -218,12 +244,7 @@ def summarize(requests: Sequence[Request], samples: Sequence[Sample], rows: Sequ
         "p95_recover_s": p95_recovery(rows, profile.rises, profile.load_end_s, p95_target_ms),
         "scale_down_s": scale_down_times(samples, profile.load_end_s, min_replicas),
         "replica_seconds": {**per_dep, "total": round(sum(per_dep.values()), 1)},
-        "requests": len(requests),
-        "failed": len(failed),
-        "failed_by_status": {str(k): v for k, v in sorted(Counter(r.status for r in failed).items())},
-        "hold_latency_ms": {f"p{q}": _round(percentile(held, q)) for q in (50, 95, 99)},
-        "p95_hold_ms": _round(percentile(held, 95)),
         "min_replicas": dict(min_replicas),
-        "max_replicas_seen": seen,
-        "requests_while_stopping": requests_while_stopping(requests, samples),
+        "max_replicas_seen": {name: max((c[name].running for _, c in samples if name in c),
+                                        default=0) for name in deployments_of(samples)},
     }

@@ -98,33 +98,19 @@ def fluid_summary(res: FluidResult, samples: Sequence, rows: Sequence[dict], pro
     held = (start >= hold[0]) & (start < hold[1]) if hold else np.zeros(len(start), bool)
     hold_ms = {f"p{q}": _round(weighted_percentile(lat[held] * 1000, w[held], q))
                for q in (50, 95, 99)}
-    per_dep = timeline.replica_seconds(samples, end_s)
-    seen = {name: max((c[name].running for _, c in samples if name in c), default=0)
-            for name in timeline.deployments_of(samples)}
     failed = int(round(res.refused.sum()))
     stopping = [r["t_s"] for r, (_, c) in zip(rows, samples)
                 if any(d.stopping for d in c.values())]
     while_stopping = int(sum(rows[t]["ongoing"] + rows[t]["rps"] for t in stopping
                              if t < len(rows)))
     return {
-        **meta,
-        "profile": {"shape": profile.name, "duration_s": profile.duration_s,
-                    "base_users": profile.base_users, "peak_users": profile.peak_users,
-                    "rises_s": list(profile.rises), "hold_s": list(hold) if hold else None,
-                    "load_end_s": profile.load_end_s},
-        "p95_target_ms": p95_target_ms,
-        "scale_up_s": timeline.scale_up_times(samples, profile.rises),
-        "p95_recover_s": timeline.p95_recovery(rows, profile.rises, profile.load_end_s,
-                                               p95_target_ms),
-        "scale_down_s": timeline.scale_down_times(samples, profile.load_end_s, min_replicas),
-        "replica_seconds": {**per_dep, "total": round(sum(per_dep.values()), 1)},
+        **timeline.scaling_summary(samples, rows, profile, end_s, min_replicas, p95_target_ms,
+                                   meta),
         "requests": int(round(res.arrivals.sum())),
         "failed": failed,
         "failed_by_status": {"503": failed} if failed else {},
         "hold_latency_ms": hold_ms,
         "p95_hold_ms": hold_ms["p95"],
-        "min_replicas": dict(min_replicas),
-        "max_replicas_seen": seen,
         "requests_while_stopping": while_stopping,
     }
 
@@ -138,50 +124,3 @@ def write(out: Path, columns: list[str], rows: list[dict], summary: dict, deploy
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if png:
         plot(out / "timeline.png", rows, deployments, profile, p95_target_ms, title)
-
-
-def build_timeline_fast(requests: Sequence[timeline.Request], samples: Sequence,
-                        profile: Any, end_s: float) -> tuple[list[str], list[dict]]:
-    """``timeline.build_timeline``'s exact output in O((rows + requests) log requests): that
-    one rescans every request for every second, minutes for a long exact run."""
-    from bisect import bisect_right
-    from collections import Counter
-
-    deployments = timeline.deployments_of(samples)
-    columns = list(timeline.BASE_COLUMNS[:2])
-    for name in deployments:
-        columns += [f"{name}_target", f"{name}_running"]
-    columns += list(timeline.BASE_COLUMNS[2:])
-    by_end = sorted(requests, key=lambda r: r.end)
-    ends = [r.end for r in by_end]
-    starts = sorted(r.start for r in requests)
-    rows = []
-    si, counts = 0, None
-    for second in range(int(math.ceil(end_s)) + 1):
-        t = float(second)
-        while si < len(samples) and samples[si][0] <= t:
-            if samples[si][1]:
-                counts = samples[si][1]
-            si += 1
-        c_map = counts or {}
-        lo, hi = bisect_right(ends, t - 1), bisect_right(ends, t)
-        finished = by_end[lo:hi]
-        w_lo = bisect_right(ends, t - timeline.PERCENTILE_WINDOW_S)
-        window = [r.latency_s * 1000 for r in by_end[w_lo:hi]]
-        errors = Counter(r.status for r in finished if not r.ok)
-        row: dict = {"t_s": second, "users": profile.users_at(t) or 0}
-        for name in deployments:
-            c = c_map.get(name)
-            row[f"{name}_target"] = c.target if c else ""
-            row[f"{name}_running"] = c.running if c else ""
-        row.update(
-            rps=len(finished),
-            p50_ms=_round(timeline.percentile(window, 50)),
-            p95_ms=_round(timeline.percentile(window, 95)),
-            p99_ms=_round(timeline.percentile(window, 99)),
-            ongoing=bisect_right(starts, t) - bisect_right(ends, t),
-            errors=sum(errors.values()),
-            errors_by_status=" ".join(f"{code}:{n}" for code, n in sorted(errors.items())),
-        )
-        rows.append(row)
-    return columns, rows

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections import Counter
 
 import pytest
 from ray.serve._private.autoscaling_state import DeploymentAutoscalingState
@@ -155,12 +156,49 @@ def test_same_seed_same_summary_other_seed_differs():
     assert set(timeline.SUMMARY_KEYS) <= set(first)
 
 
-def test_fast_timeline_rows_equal_timeline_build_timeline():
+def _r(value):
+    return None if value is None else round(value, 1)
+
+
+def _reference_timeline(requests: list, samples: list, profile, end_s: float):
+    """timeline.build_timeline as it was before bisection: every request per second."""
+    deployments = timeline.deployments_of(samples)
+    columns = list(timeline.BASE_COLUMNS[:2])
+    for name in deployments:
+        columns += [f"{name}_target", f"{name}_running"]
+    columns += list(timeline.BASE_COLUMNS[2:])
+    by_end = sorted(requests, key=lambda r: r.end)
+    rows = []
+    for second in range(int(math.ceil(end_s)) + 1):
+        t = float(second)
+        counts = timeline._sample_at(samples, t) or {}
+        finished = [r for r in by_end if t - 1 < r.end <= t]
+        window = [r.latency_s * 1000 for r in by_end if t - timeline.PERCENTILE_WINDOW_S < r.end <= t]
+        errors = Counter(r.status for r in finished if not r.ok)
+        row: dict = {"t_s": second, "users": profile.users_at(t) or 0}
+        for name in deployments:
+            c = counts.get(name)
+            row[f"{name}_target"] = c.target if c else ""
+            row[f"{name}_running"] = c.running if c else ""
+        row.update(
+            rps=len(finished),
+            p50_ms=_r(timeline.percentile(window, 50)),
+            p95_ms=_r(timeline.percentile(window, 95)),
+            p99_ms=_r(timeline.percentile(window, 99)),
+            ongoing=sum(1 for r in requests if r.start <= t < r.end),
+            errors=sum(errors.values()),
+            errors_by_status=" ".join(f"{code}:{n}" for code, n in sorted(errors.items())),
+        )
+        rows.append(row)
+    return columns, rows
+
+
+def test_timeline_rows_equal_a_scan_of_every_request():
     s = settings(config({"max_replicas": 3}), profile=load_profile("50+25n"),
                  policy=PolicySpec("default"))
     out = simulate(s, "spike", 40, closed=True, base=2, peak=20, mode="exact", settle_s=20)
-    assert timeline.build_timeline(out.requests, out.samples, out.profile, 60.0) == \
-        (out.columns, out.rows)
+    assert _reference_timeline(out.requests, out.samples, out.profile, 60.0) == \
+        timeline.build_timeline(out.requests, out.samples, out.profile, 60.0)
 
 
 def test_a_stub_policy_is_followed():
