@@ -10,6 +10,9 @@ The classifier reports its batch size, batch fill and batch latency through
 Load is counted in images, not calls: the ingress sends the images of concurrent requests as
 one call (serve_app/batching.py), so the Classifier reports the images it holds and the Ingress
 the images queued for a call slot; Ray's request count is the fallback before any report.
+Under that count lies a floor from the rate: the images/s offered to the ingress (refused ones
+included) over what one replica clears at a full batch (:func:`rate_replicas`), so demand
+that no bounded queue holds is still seen.
 
 Two entry points, both classes so ``policy_kwargs`` in the YAML reach them:
 
