@@ -23,6 +23,7 @@ from serve_app.fault_injection import WEDGE_ENV
 from serve_app.launch import ServeProcess
 from tests.conftest import CONFIGS
 from tests.integration.closed_loop import CLIENT_TIMEOUT_S, Load, summary
+from tests.integration.polling import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -38,6 +39,10 @@ def faulty(tmp_path_factory):
                       env={WEDGE_ENV: str(wedge)}) as svc:
         svc.wedge_file = wedge
         yield svc
+
+
+def _classifier_pids(svc) -> list[int]:
+    return [p for p, d in replica_pids(svc.proc.pid, "serve_app").items() if d == "Classifier"]
 
 
 def _pid_of(svc, deployment: str) -> int:
@@ -165,14 +170,17 @@ def test_a_wedged_classifier_is_found_by_its_health_check_and_replaced(faulty):
     """No traffic: only a health check that runs the model can tell this replica is stuck."""
     url = f"{faulty.url}/v1/classify"
     body = photos_jpeg()[0][1]
+    # The load of the tests before may have scaled the Classifier to 2 (the policy's rate
+    # floor at 8 clients); with no traffic it goes back to 1 after downscale_delay_s, and a
+    # replica that goes then must not pass for a replaced one.
+    wait_for(lambda: len(_classifier_pids(faulty)) == 1, 120, "one Classifier replica")
     victim = _pid_of(faulty, "Classifier")
     faulty.wedge_file.write_text(f"{victim}\n")
     wedged_at = time.monotonic()
     replaced_s = serving_s = None
     try:
         while time.monotonic() - wedged_at < 120:
-            pids = [p for p, d in replica_pids(faulty.proc.pid, "serve_app").items()
-                    if d == "Classifier"]
+            pids = _classifier_pids(faulty)
             if replaced_s is None and pids and victim not in pids:
                 replaced_s = time.monotonic() - wedged_at
             if replaced_s is not None:
