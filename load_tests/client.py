@@ -9,6 +9,7 @@ Loopback only: :func:`run_load` refuses any other host.
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -130,6 +131,14 @@ class _Connection:
         self.reader = self.writer = None
 
 
+def error_code(payload: bytes) -> str:
+    """serve_app's ``{"error": {"code": ...}}``, or "-" for a body that is not one."""
+    try:
+        return str(json.loads(payload)["error"]["code"])
+    except (ValueError, KeyError, TypeError):
+        return "-"
+
+
 def request_head(host: str, port: int, path: str, content_type: str, length: int) -> bytes:
     return (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: {content_type}\r\n"
             f"Content-Length: {length}\r\nAccept: application/json\r\n\r\n").encode("latin-1")
@@ -228,16 +237,30 @@ class OpenLoopResult:
     transport_errors: int = 0
     dropped: int = 0
     first_error: str = ""
+    #: (seconds into the run it was sent, status, ms) per answer: when slow answers happened.
+    answers: list[tuple[float, int, float]] = field(default_factory=list)
+    #: "503 overloaded": how many answers of each status carried each JSON error code.
+    error_codes: dict[str, int] = field(default_factory=dict)
 
     def count(self, status: int) -> int:
         return len(self.latencies_by_status.get(status, []))
+
+    def by_window(self, status: int, window_s: float = 5.0, q: float = 95) -> dict[str, float]:
+        """``status``'s ``q``-th percentile ms per ``window_s`` of send time ("0-5": ...)."""
+        windows: dict[int, list[float]] = {}
+        for sent_s, code, ms in self.answers:
+            if code == status:
+                windows.setdefault(int(sent_s // window_s), []).append(ms)
+        return {f"{w * window_s:g}-{(w + 1) * window_s:g}": round(percentile(
+            sorted(v), q), 1) for w, v in sorted(windows.items())}
 
     def percentile_ms(self, status: int, q: float) -> float:
         return percentile(sorted(self.latencies_by_status.get(status, [])), q)
 
     def summary(self) -> dict:
         out = {"rate": self.rate, "duration_s": self.duration_s, "sent": self.sent,
-               "transport_errors": self.transport_errors, "dropped": self.dropped}
+               "transport_errors": self.transport_errors, "dropped": self.dropped,
+               "error_codes": dict(self.error_codes)}
         for status in sorted(self.latencies_by_status):
             out[str(status)] = {"count": self.count(status),
                                 "p50_ms": round(self.percentile_ms(status, 50), 1),
@@ -268,15 +291,20 @@ async def open_loop(url: str, bodies: Sequence[bytes], rate: float, duration_s: 
         busy += 1
         start = time.perf_counter()
         try:
-            status, _ = await asyncio.wait_for(conn.request(heads[j], bodies[j]), timeout_s)
+            status, payload = await asyncio.wait_for(conn.request(heads[j], bodies[j]),
+                                                     timeout_s)
         except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError,
                 asyncio.LimitOverrunError, HTTPError, ValueError) as exc:
             conn.close()
             result.transport_errors += 1
             result.first_error = result.first_error or f"{type(exc).__name__}: {exc}"
         else:
-            result.latencies_by_status.setdefault(status, []).append(
-                (time.perf_counter() - start) * 1000)
+            ms = (time.perf_counter() - start) * 1000
+            result.latencies_by_status.setdefault(status, []).append(ms)
+            result.answers.append((start - began, status, ms))
+            if status != 200:
+                key = f"{status} {error_code(payload)}"
+                result.error_codes[key] = result.error_codes.get(key, 0) + 1
             idle.append(conn)
         finally:
             busy -= 1

@@ -212,7 +212,7 @@ def test_open_loop_keeps_its_rate_when_the_server_sheds():
                     shed = count % 2 == 0
                     if not shed:
                         await asyncio.sleep(0.05)
-                    body = b'{"error":"x"}' if shed else b'{"ok":1}'
+                    body = b'{"error":{"code":"overloaded"}}' if shed else b'{"ok":1}'
                     status = b"503 Service Unavailable" if shed else b"200 OK"
                     writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Length: "
                                  + str(len(body)).encode() + b"\r\n\r\n" + body)
@@ -235,3 +235,15 @@ def test_open_loop_keeps_its_rate_when_the_server_sheds():
     assert result.percentile_ms(503, 95) < 40 <= result.percentile_ms(200, 50)
     assert elapsed < 1.5  # arrivals did not wait for the slow answers
     assert result.summary()["503"]["count"] == 50
+    # Each answer with its send time: the second half of the run is its own window.
+    assert len(result.answers) == 100 and all(0 <= t < 1.0 for t, _, _ in result.answers)
+    windows = result.by_window(200, window_s=0.5, q=50)
+    assert list(windows) == ["0-0.5", "0.5-1"] and min(windows.values()) >= 40
+    assert result.summary()["error_codes"] == {"503 overloaded": 50}
+
+
+def test_error_code_reads_serve_apps_error_body_or_says_none():
+    from load_tests.client import error_code
+
+    assert error_code(b'{"error": {"code": "not_ready", "message": "m"}}') == "not_ready"
+    assert error_code(b"no json") == error_code(b'{"detail": 1}') == error_code(b"[1]") == "-"
