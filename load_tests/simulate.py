@@ -102,6 +102,7 @@ def simulate(settings: SimSettings, shape: str, duration_s: float, *, closed: bo
     summary.update(extra)
     summary["mode"] = mode
     summary["gpu_fraction"] = settings.gpu_fraction
+    summary["decision_period_s"] = settings.decision_period_s or settings.control_period_s
     cls_seconds = summary["replica_seconds"].get(topology.CLASSIFIER, 0.0)
     summary["gpu_hours"] = report.gpu_hours({topology.CLASSIFIER: cls_seconds},
                                             settings.gpu_fraction)[topology.CLASSIFIER]
@@ -149,7 +150,7 @@ def settings_from_args(args: argparse.Namespace) -> SimSettings:
                             "max_queued": args.max_queued},
         preprocess_ms=args.preprocess_ms, gpu_fraction=args.gpu_fraction,
         control_period_s=args.control_period_s, process_start_s=args.process_start_s,
-        startup_concurrency=args.startup_concurrency)
+        startup_concurrency=args.startup_concurrency, decision_period_s=args.decision_period_s)
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -189,6 +190,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     g.add_argument("--preprocess-ms", type=float, default=10.0, help="per image")
     g.add_argument("--gpu-fraction", type=float, default=1.0, help="GPU share per replica")
     g.add_argument("--control-period-s", type=float, default=CONTROL_LOOP_S)
+    g.add_argument("--decision-period-s", type=float, default=None,
+                   help="call the policy this often (a multiple of --control-period-s; "
+                        "default: every step, as Ray does)")
     for flag, kind in (("min-replicas", int), ("max-replicas", int), ("initial-replicas", int),
                        ("target-ongoing-requests", float), ("upscale-delay-s", float),
                        ("downscale-delay-s", float), ("metrics-interval-s", float),

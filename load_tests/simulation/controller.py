@@ -398,26 +398,44 @@ class _FleetDeploymentState(ray_state.DeploymentAutoscalingState):
             return 0.0
         return window_mean(self._total_sums, EPOCH + pool.now)
 
+    _windows_key: Any = None
+    _windows: list = []
+    _raw: dict = {}
+
+    def _pushed_windows(self) -> list[tuple[Any, tuple, list, tuple]]:
+        """(metric, the cohort's replica ids, its pushed series, their sums) per running
+        cohort and metric, and Ray's raw dict of them: rebuilt only when a cohort pushed or
+        the running set changed (the policy runs ten times between a cohort's pushes)."""
+        windows = self._cohort_windows()
+        key = tuple((id(r), r.count, r.source.pushed_at) for r, _ in windows)
+        if key != self._windows_key:
+            self._windows_key = key
+            self._windows = [(metric, tuple(r.data["ids"]), series, r.source.sums[metric])
+                             for r, window in windows for metric, series in window.items()]
+            raw: dict[str, dict] = {}
+            for metric, ids, series, _ in self._windows:
+                raw.setdefault(metric, {}).update(dict.fromkeys(ids, series))
+            self._raw = raw
+        return self._windows
+
     def _get_aggregated_custom_metrics(self) -> dict:
         out: dict[str, dict] = {}
         mean = self._config.aggregation_function == AggregationFunction.MEAN
         now = EPOCH + self.pool.now
-        for r, window in self._cohort_windows():
-            sums = r.source.sums
-            for key, series in window.items():
-                if mean:
-                    value = window_mean(sums[key], now)
-                else:
-                    value = self._merge_and_aggregate_timeseries([series])
-                out.setdefault(key, {}).update(dict.fromkeys(r.data["ids"], value))
+        for metric, ids, series, sums in self._pushed_windows():
+            value = window_mean(sums, now) if mean else \
+                self._merge_and_aggregate_timeseries([series])
+            per_replica = out.get(metric)
+            if per_replica is None:
+                out[metric] = dict.fromkeys(ids, value)
+            else:
+                per_replica.update(dict.fromkeys(ids, value))
         return out
 
     def _get_raw_custom_metrics(self) -> dict:
-        out: dict[str, dict] = {}
-        for r, window in self._cohort_windows():
-            for key, series in window.items():
-                out.setdefault(key, {}).update(dict.fromkeys(r.data["ids"], series))
-        return out
+        """Unchanged between pushes, so the same dict (the policy reads it, never writes)."""
+        self._pushed_windows()
+        return self._raw
 
 
 class Controller:

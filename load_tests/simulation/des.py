@@ -99,6 +99,7 @@ class DiscreteEventSim:
         self.np_rng = np.random.default_rng(seed)
         self.clock = SimClock()
         self.ctrl = Controller(settings)
+        self._every, self._ticks = settings.decide_every, 0
         self.events: list = []
         self.seq = 0
         self.reqs: list[_Req] = []
@@ -295,7 +296,9 @@ class DiscreteEventSim:
         self._route_calls(now)
         self._drain_proxy(now)
         self._record(now)
-        ctrl.decide(now)
+        if self._ticks % self._every == 0:
+            ctrl.decide(now)
+        self._ticks += 1
         for name, pool in ctrl.pools.items():
             for r in pool.replicas:
                 self._attach(name, r)

@@ -19,7 +19,7 @@ sampling and push cadence, the aggregation and the policy calls are the same as 
 
 from __future__ import annotations
 
-import math
+import bisect
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,30 +35,36 @@ from serve_app.simulated import service_time_s
 POINTS_PER_STEP = 4  # quantile points standing for one step's latency distribution
 
 
-def throughput_table(profile: Any, max_batch: int) -> np.ndarray:
+def throughput_table(profile: Any, max_batch: int) -> list[float]:
     """Images/s one replica clears at batch size n = 1..max_batch (index n-1)."""
-    return np.array([n / service_time_s(profile, n) for n in range(1, max_batch + 1)])
+    return [n / service_time_s(profile, n) for n in range(1, max_batch + 1)]
 
 
-def fill_for_rate(rate: float, table: np.ndarray) -> float:
+def service_times(profile: Any, max_batch: int) -> list[float]:
+    """Seconds one batch of n = 1..max_batch + 1 takes (index n-1): looked up every step."""
+    return [service_time_s(profile, n) for n in range(1, max_batch + 2)]
+
+
+def fill_for_rate(rate: float, table: list[float]) -> float:
     """The batch size at which one replica's throughput equals ``rate`` (>= 1, <= max):
     a busy replica's next batch holds what arrived during the last one."""
     if rate <= table[0]:
         return 1.0
     if rate >= table[-1]:
         return float(len(table))
-    i = int(np.searchsorted(table, rate))  # table[i-1] < rate <= table[i]
+    i = bisect.bisect_left(table, rate)  # table[i-1] < rate <= table[i]
     lo, hi = table[i - 1], table[i]
     return i + (rate - lo) / (hi - lo) if hi > lo else float(i + 1)
 
 
-def service_s(profile: Any, fill: float) -> float:
-    """Service time at a fractional batch size (linear between the integer sizes)."""
-    lo = max(1, int(math.floor(fill)))
-    a = service_time_s(profile, lo)
+def service_s(times: list[float], fill: float) -> float:
+    """Service time at a fractional batch size (linear between the integer sizes) from
+    :func:`service_times`."""
+    lo = max(1, int(fill))
+    a = times[lo - 1]
     if fill <= lo:
         return a
-    return a + (service_time_s(profile, lo + 1) - a) * (fill - lo)
+    return a + (times[lo] - a) * (fill - lo)
 
 
 @dataclass
@@ -117,6 +123,7 @@ class FluidSim:
         self.ctrl = Controller(settings, fleet=True)
         self._due: dict[str, tuple] = {}
         self.table = throughput_table(settings.profile, settings.classifier.max_batch_size)
+        self.times = service_times(settings.profile, settings.classifier.max_batch_size)
 
     def run(self) -> FluidResult:
         s, dt, ctrl = self.s, self.dt, self.ctrl
@@ -142,8 +149,9 @@ class FluidSim:
         th_max = float(self.table[-1])
         p_s = s.preprocess_ms / 1000.0
         b = 0.0
-        fill, s_fill, rho, group = 1.0, service_s(s.profile, 1.0), 0.0, 1.0
+        fill, s_fill, rho, group = 1.0, service_s(self.times, 1.0), 0.0, 1.0
         last_fill = None
+        every = s.decide_every
         with sim_time(self.clock):
             for k in range(n):
                 now = k * dt
@@ -162,7 +170,7 @@ class FluidSim:
                 rate_r = out / dt / r_run if r_run else 0.0
                 if r_run and out > 0:
                     fill = bmax if out >= cap - 1e-9 else fill_for_rate(rate_r, self.table)
-                    s_fill = service_s(s.profile, fill)
+                    s_fill = service_s(self.times, fill)
                     rho = min(1.0, rate_r * s_fill / fill)
                     last_fill = fill
                 group = min(gmax, max(1.0, work / slots)) if work else 1.0
@@ -202,7 +210,8 @@ class FluidSim:
                 for pool in pools.values():
                     pool.promote(now)
                     pool.finish_stopping(now, lambda r: True)
-                ctrl.decide(now)
+                if k % every == 0:
+                    ctrl.decide(now)
                 for name, pool in pools.items():
                     allocated[name] += (pool.count(RUNNING) + pool.count("STARTING")
                                         + pool.count(STOPPING)) * dt

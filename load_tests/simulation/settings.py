@@ -75,6 +75,9 @@ class SimSettings:
     preprocess_ms: float = 10.0
     gpu_fraction: float = 1.0
     control_period_s: float = CONTROL_LOOP_S
+    #: How often the policy is called: Ray's loop (``control_period_s``, 0.1 s) unless a long
+    #: run trades cadence for speed; the model still steps every ``control_period_s``.
+    decision_period_s: Optional[float] = None
     app_name: str = "serve_app"
     #: A new replica's worker process: it takes ``process_start_s`` before the replica's own
     #: start (``start_s``), and the node starts at most ``startup_concurrency`` at once (Ray's
@@ -84,6 +87,17 @@ class SimSettings:
 
     def dep(self, name: str) -> DeploymentSettings:
         return self.deployments[name]
+
+    @property
+    def decide_every(self) -> int:
+        """Control-loop steps per policy call (a whole number, at least 1)."""
+        if self.decision_period_s is None:
+            return 1
+        steps = self.decision_period_s / self.control_period_s
+        if steps < 1 - 1e-9 or abs(steps - round(steps)) > 1e-6:
+            raise ValueError(f"decision_period_s ({self.decision_period_s}) must be a whole "
+                             f"multiple of control_period_s ({self.control_period_s})")
+        return int(round(steps))
 
 
 def serve_app_entry(config: dict) -> dict:
@@ -166,7 +180,8 @@ def from_config(config: dict, *, profile: Optional[SimulatedModelConfig] = None,
                 dispatch_overrides: Optional[dict] = None, ingress_overrides: Optional[dict] = None,
                 preprocess_ms: float = 10.0, gpu_fraction: float = 1.0,
                 control_period_s: float = CONTROL_LOOP_S, process_start_s: float = 0.0,
-                startup_concurrency: Optional[int] = None) -> SimSettings:
+                startup_concurrency: Optional[int] = None,
+                decision_period_s: Optional[float] = None) -> SimSettings:
     """The settings of a Serve config (a dict from serve_app.configfile.load), with overrides.
 
     ``start_s``: a new Classifier replica's start time (default: the simulated model's
@@ -212,5 +227,6 @@ def from_config(config: dict, *, profile: Optional[SimulatedModelConfig] = None,
     return SimSettings(deployments=deployments, classifier=classifier, dispatch=dispatch,
                        profile=profile, policy=policy or config_policy(app),
                        preprocess_ms=preprocess_ms, gpu_fraction=gpu_fraction,
-                       control_period_s=control_period_s, app_name=app.get("name", "serve_app"),
+                       control_period_s=control_period_s, decision_period_s=decision_period_s,
+                       app_name=app.get("name", "serve_app"),
                        process_start_s=process_start_s, startup_concurrency=startup_concurrency)
