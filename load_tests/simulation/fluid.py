@@ -67,6 +67,24 @@ def service_s(times: list[float], fill: float) -> float:
     return a + (times[lo] - a) * (fill - lo)
 
 
+def group_size(rate: float, slots: int, preprocess_s: float, batch_s: float,
+               most: int) -> float:
+    """Images per ingress call at ``rate`` images/s over ``slots`` call slots (1..``most``).
+
+    A call holds its slot while its group is decoded (``preprocess_s`` per image, one after
+    another) and classified (``batch_s``), and the images that arrive meanwhile form the next
+    group: slots x g / (g x preprocess_s + batch_s) = rate. Dividing a step's arrivals by the
+    slots instead, as this mode first did, took a call to last one step: at 5,000 req/s over
+    64 slots it made groups of 8 where the exact mode formed 16, and halved the p95.
+    """
+    if rate <= 0:
+        return 1.0
+    room = slots - rate * preprocess_s
+    if room <= 0:
+        return float(most)
+    return min(float(most), max(1.0, rate * batch_s / room))
+
+
 @dataclass
 class FluidResult:
     dt: float
@@ -169,11 +187,15 @@ class FluidSim:
                 b = work - out - ref
                 rate_r = out / dt / r_run if r_run else 0.0
                 if r_run and out > 0:
-                    fill = bmax if out >= cap - 1e-9 else fill_for_rate(rate_r, self.table)
+                    # A group reaches a replica whole, so a batch holds at least one.
+                    fill = bmax if out >= cap - 1e-9 else max(
+                        fill_for_rate(rate_r, self.table), min(group, float(bmax)))
                     s_fill = service_s(self.times, fill)
                     rho = min(1.0, rate_r * s_fill / fill)
                     last_fill = fill
-                group = min(gmax, max(1.0, work / slots)) if work else 1.0
+                # Its own batch and, on average, half of the one in progress.
+                group = group_size(a / dt, slots, p_s, s_fill * (1 + rho / 2), gmax) \
+                    if ingress_q <= 0 else float(gmax)
                 pre_s = group * p_s
                 served[k], refused[k], backlog[k] = out, ref, b
                 lo[k] = pre_s + s_fill

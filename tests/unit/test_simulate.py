@@ -277,6 +277,18 @@ def test_fleet_and_exact_modes_agree_on_a_steady_load():
     assert f["hold_latency_ms"]["p50"] == pytest.approx(e["hold_latency_ms"]["p50"], rel=0.35)
 
 
+def test_fleet_group_size_is_the_fixed_point_of_call_slots():
+    """A call holds its slot while its images decode one by one and their batch runs; what
+    arrives meanwhile is the next group: slots x g / (g x p + b) = rate."""
+    from load_tests.simulation.fluid import group_size
+
+    g = group_size(5000, 64, 0.01, 0.04, 16)
+    assert 64 * g / (g * 0.01 + 0.04) == pytest.approx(5000)
+    assert group_size(5000, 64, 0.01, 0.2, 16) == 16  # the fixed point is past the cap
+    assert group_size(7000, 64, 0.01, 0.04, 16) == 16  # decoding alone outruns the slots
+    assert group_size(10, 64, 0.01, 0.04, 16) == 1.0 and group_size(0, 64, 0.01, 0.04, 16) == 1
+
+
 def test_a_longer_decision_period_calls_the_policy_less_and_changes_little():
     """--decision-period-s: the policy every 5th step of Ray's 0.1 s loop; the model still
     steps every 0.1 s. On a ramp the result moves by a few percent at most, and a period that
