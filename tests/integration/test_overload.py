@@ -98,8 +98,10 @@ def _probe_a_503(url: str, body: bytes, results: Any, stop: Any) -> None:
                 if r.status_code == 503:
                     try:
                         parsed = r.json()
-                    except ValueError:
-                        parsed = r.text[:200]
+                    except ValueError:  # Ray's own, from a full proxy queue: not the one
+                        with lock:
+                            found["plain_503"] = found.get("plain_503", 0) + 1
+                        continue
                     with lock:
                         if "status" not in found:
                             found.update(status=503, retry_after=r.headers.get("retry-after"),
@@ -160,11 +162,16 @@ def test_three_times_capacity_sheds_fast_and_recovers(shipped):
 
     cfg = configfile.load(CONFIGS / "local.yaml")["applications"][0]
     dispatch = cfg["args"]["dispatch"]
-    ingress = configfile.deployment_options(cfg, "Ingress")["autoscaling_config"]
+    options = configfile.deployment_options(cfg, "Ingress")
+    ingress = options["autoscaling_config"]
     # What the service lets in before it sheds: per ingress replica, the images queued for a
-    # call slot plus the calls in flight; a served request waits for those ahead of it.
-    admitted = ingress["max_replicas"] * (dispatch["max_queued"]
-                                          + dispatch["max_in_flight"] * dispatch["max_batch_size"])
+    # call slot plus the calls in flight, and the requests Ray's proxy holds for a busy
+    # ingress (its max_queued_requests; past it Ray's own 503); a served request waits for
+    # those ahead of it. (At a true 3x a CI run filled Ray's queue too: 161 of its plain 503s,
+    # and a 200 p99 of 9.1 s over a bound of 7.8 s that left it out.)
+    admitted = ingress["max_replicas"] * (dispatch["max_queued"] + dispatch["max_in_flight"]
+                                          * dispatch["max_batch_size"]) \
+        + max(0, options.get("max_queued_requests", 0))
     served_rate = load.count(200) / OVERLOAD_S
     wait_bound_ms = 1000 * (1.5 * admitted / max(served_rate, 1e-9) + 1.0)
     report = {"capacity_rps": capacity["rps"], "classifiers": classifiers,
