@@ -5,6 +5,7 @@ No Ray cluster: Ray's autoscaling state and policy wrappers run on a simulated c
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -296,10 +297,7 @@ def test_a_longer_decision_period_calls_the_policy_less_and_changes_little():
     s = settings(config({"max_replicas": 10}), profile=load_profile("20+5n"),
                  policy=PolicySpec("serve_app.autoscaling:AppPolicy",
                                    {"latency_target_s": 0.5}, "app"), preprocess_ms=10.0)
-    slow = settings(config({"max_replicas": 10}), profile=load_profile("20+5n"),
-                    policy=PolicySpec("serve_app.autoscaling:AppPolicy",
-                                      {"latency_target_s": 0.5}, "app"), preprocess_ms=10.0,
-                    decision_period_s=0.5)
+    slow = dataclasses.replace(s, decision_period_s=0.5)
     assert (s.decide_every, slow.decide_every) == (1, 5)
     every = simulate(s, "ramp", 300, closed=False, base=50, peak=400, mode="fleet").summary
     fifth = simulate(slow, "ramp", 300, closed=False, base=50, peak=400, mode="fleet").summary
@@ -322,8 +320,8 @@ def test_fleet_mode_simulates_a_day_at_5000_per_second():
                  app_policy={"policy_function": "serve_app.autoscaling:AppPolicy",
                              "policy_kwargs": {"latency_target_s": 0.5}})
     cfg["applications"][0]["deployments"][0]["autoscaling_config"]["max_replicas"] = 4
-    # The policy once a second (docs/autoscaling.md: on the shipped config's day the same
-    # p95 and GPU-hours within 0.1% of Ray's 0.1 s cadence, in a third of the time).
+    # The policy once a second (docs/autoscaling.md: on gpu.yaml's day the same p95 and
+    # GPU-hours within 0.3% of Ray's 0.1 s cadence, in about a quarter of the time).
     s = settings(cfg, profile=load_profile("8+0.5n"), start_s=30, preprocess_ms=10.0,
                  gpu_fraction=0.25, decision_period_s=1.0)
     started = time.perf_counter()
