@@ -7,7 +7,8 @@ a 500: "a bug, do not retry", when the truth is "retry in a second". Ray exposes
 for those pages, only the binary it runs (``RAY_SERVE_HAPROXY_BINARY_PATH``). serve_app sets
 that to a small wrapper (:func:`install`) that points the config's ``errorfile`` lines at the
 pages below and then execs the real HAProxy, same PID and arguments, on every start and
-reload.
+reload. The same rewrite adds the one setting of serve_app's replay of dropped requests that
+Ray has no option for (serve_app/haproxy_replay.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import os
 import re
 import sys
 from pathlib import Path
+
+from serve_app import haproxy_replay
 
 BINARY_ENV = "RAY_SERVE_HAPROXY_BINARY_PATH"
 
@@ -74,7 +77,7 @@ def install(directory: Path, real_binary: str | None = None) -> Path:
     wrapper = directory / "haproxy"
     _write(wrapper, (
         "#!/bin/sh\n"
-        "# serve_app's JSON error pages for HAProxy's 502/503/504 (serve_app/haproxy_errors.py)\n"
+        "# serve_app's JSON error pages and request buffering (serve_app/haproxy_errors.py)\n"
         f'exec "{sys.executable}" -m serve_app.haproxy_errors "{real_binary}" "{directory}" "$@"\n'
     ).encode(), 0o755)
     return wrapper
@@ -103,7 +106,7 @@ def main(argv: list[str]) -> None:
         with open(f"{config}.lock", "w") as lock:  # the lock Ray writes the config under
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
             text = config.read_text()
-            rewritten = rewrite_config(text, page_paths(directory))
+            rewritten = haproxy_replay.buffer_requests(rewrite_config(text, page_paths(directory)))
             if rewritten != text:
                 config.write_text(rewritten)
     os.execv(real, [real, *args])

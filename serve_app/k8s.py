@@ -30,7 +30,7 @@ from typing import Any, Iterable
 
 import yaml
 
-from serve_app import haproxy_errors, placement
+from serve_app import haproxy_errors, haproxy_replay, placement
 from serve_app.configfile import APP_IMPORT_PATH, deployment_options, load
 from serve_app.launch import RAY_CLUSTER_ENV
 
@@ -407,7 +407,7 @@ WRITABLE_ENV = {"CUDA_CACHE_PATH": "/tmp/cuda-cache"}
 #: client as Ray's plain-text 500. The wrapper only reads there; it rewrites Ray's config in
 #: /tmp/haproxy-serve.
 HAPROXY_DIR = "/home/ray/serve_app_haproxy"
-HAPROXY_ENV = {haproxy_errors.BINARY_ENV: f"{HAPROXY_DIR}/haproxy"}
+HAPROXY_ENV = {haproxy_errors.BINARY_ENV: f"{HAPROXY_DIR}/haproxy", **haproxy_replay.REPLAY_ENV}
 #: What each container's securityContext must hold (after the pod's defaults apply).
 CONTAINER_SECURITY: dict[str, Any] = {
     "runAsNonRoot": True, "runAsUser": RAY_UID, "runAsGroup": RAY_GID,

@@ -178,6 +178,7 @@ class ServeProcess:
         self.ready_path = ready_path
         self.start_timeout_s = start_timeout_s
         self.env = env or {}
+        self.cluster_env: dict[str, str] = {}
         self._tmpdir = tempfile.TemporaryDirectory(prefix="serve_app_")
         self.config_path = Path(self._tmpdir.name) / "config.yaml"
         self.log_path = Path(log_path) if log_path else Path(self._tmpdir.name) / "serve.log"
@@ -211,6 +212,7 @@ class ServeProcess:
         env = cluster_env({**RAY_CLUSTER_ENV, **self._ports.env(), **os.environ,
                            "RAY_ADDRESS": "local", "PYTHONUNBUFFERED": "1", **self.env},
                           taken=(self.port, self.metrics_port))
+        self.cluster_env = env  # what the cluster runs with (HAProxy's stats port, ...)
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(  # serve run, with the metrics port fixed (serve_app/runner.py)
             [sys.executable, "-m", "serve_app", "run", str(self.config_path),

@@ -32,13 +32,18 @@ def starts_own_cluster(address: str | None) -> bool:
 
 
 def use_json_error_pages(env) -> None:
-    """In HAProxy mode, unless the caller chose a binary: HAProxy through the wrapper (the
+    """In HAProxy mode, unless the caller chose a binary: HAProxy through the wrapper, and
+    its replay of requests a dying ingress dropped, unless the caller chose otherwise (the
     cluster's processes inherit ``env``)."""
-    from serve_app import haproxy_errors
+    from serve_app import haproxy_errors, haproxy_replay
 
-    if env.get("RAY_SERVE_ENABLE_HA_PROXY") == "1" and not env.get(haproxy_errors.BINARY_ENV):
+    if env.get("RAY_SERVE_ENABLE_HA_PROXY") != "1":
+        return
+    if not env.get(haproxy_errors.BINARY_ENV):
         directory = Path(tempfile.gettempdir()) / "serve_app_haproxy"
         env[haproxy_errors.BINARY_ENV] = str(haproxy_errors.install(directory))
+    for name, value in haproxy_replay.REPLAY_ENV.items():
+        env.setdefault(name, value)
 
 
 def main(argv: list[str] | None = None) -> int:

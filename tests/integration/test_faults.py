@@ -61,11 +61,28 @@ def _kill_under_load(svc, deployment: str, seconds: float = 45.0) -> tuple[dict,
         time.sleep(5)
         fault["at"] = time.monotonic()
         os.kill(victim, signal.SIGKILL)
+        if deployment == "Ingress":
+            time.sleep(0.3)  # HAProxy retries at once; its counters reset when Ray reloads it
+            fault["haproxy"] = _haproxy_retries(svc)
 
     load.run(seconds, kill)
-    report = {"killed": f"{deployment}/{victim}", **summary(load.answers, fault["at"])}
+    report = {"killed": f"{deployment}/{victim}", **summary(load.answers, fault["at"]),
+              **({"haproxy": fault["haproxy"]} if "haproxy" in fault else {})}
     print(f"fault {deployment}:", json.dumps(report))
     return report, load.answers
+
+
+def _haproxy_retries(svc) -> dict:
+    """The retries and redispatches HAProxy's stats count for serve_app's backend."""
+    port = svc.cluster_env["RAY_SERVE_HAPROXY_STATS_PORT"]
+    rows = httpx.get(f"http://127.0.0.1:{port}/stats;csv", timeout=5).text.splitlines()
+    header = rows[0].lstrip("# ").split(",")
+    for row in rows[1:]:
+        fields = dict(zip(header, row.split(",")))
+        if fields.get("svname") == "BACKEND" and fields.get("pxname") == "http-serve_app":
+            return {"retries": int(fields["wretr"] or 0),
+                    "redispatches": int(fields["wredis"] or 0)}
+    return {}
 
 
 def _assert_answered_and_recovered(report: dict, answers: list, allowed: set) -> None:
@@ -92,19 +109,22 @@ def test_a_killed_preprocessor_fails_its_requests_fast_and_is_replaced(faulty):
 
 
 def test_a_killed_ingress_through_haproxy_is_json_never_a_plain_500(faulty):
-    """A request in flight on the killed ingress gets HAProxy's JSON 502 when it was the first
-    on its client connection; on a kept-alive connection HAProxy closes it with no answer
-    instead, by design (the client may resend it: nothing was answered; serve_app.client does,
-    next test). Bounded here by the clients' connections."""
+    """HAProxy replays a request whose ingress closed without answering (serve_app's
+    ``retry-on empty-response`` with whole requests buffered, serve_app/haproxy_replay.py).
+    What it cannot replay (a request the ingress had not read) gets its JSON 502 on a fresh
+    server connection, and on a reused one is closed with no answer, by HAProxy's design (the
+    client may resend it: nothing was answered; serve_app.client does, next test). Without the
+    replay all CLIENTS requests in flight were lost that way."""
     report, answers = _kill_under_load(faulty, "Ingress")
     dropped = [a for a in answers if a.status == 0]
     assert all(a.code in ("RemoteProtocolError", "ReadError") for a in dropped), report
-    assert len(dropped) <= 2 * CLIENTS, report
     answered = [a for a in answers if a.status != 0]
     _assert_answered_and_recovered(report, answered, {502, 503})
     assert "500" not in report["statuses"], report
-    # The kill was felt: HAProxy's own 502 (in JSON, checked above) or a dropped connection.
-    assert report["statuses"].get("502", 0) + len(dropped) > 0, report
+    assert report["haproxy"].get("retries", 0) > 0, report  # the kill was met by a replay
+    lost = len(dropped) + report["statuses"].get("502", 0)
+    # Three runs here lost 1, 0 and 0 of the CLIENTS in flight; before the replay, all of them.
+    assert lost <= CLIENTS // 2, report
 
 
 class _CountingTransport(httpx.BaseTransport):
@@ -122,9 +142,9 @@ class _CountingTransport(httpx.BaseTransport):
 
 
 def test_a_killed_ingress_costs_serve_apps_client_nothing(faulty):
-    """HAProxy closes a keep-alive request whose server died before answering without a
-    response, on purpose (RFC 9112 9.3.1: the client may send it again; its source says "the
-    client is required to retry"), which is the drop the raw clients above count.
+    """HAProxy closes a keep-alive request whose server died before answering, and which it
+    could not replay, without a response, on purpose (RFC 9112 9.3.1: the client may send it
+    again; its source says "the client is required to retry"): the raw clients' drop above.
     serve_app.client resends on exactly that, honours the 502/503's Retry-After, and every one
     of its requests is served."""
     from serve_app.client import Client, RetryPolicy
@@ -153,17 +173,20 @@ def test_a_killed_ingress_costs_serve_apps_client_nothing(faulty):
         time.sleep(5)
         killed_at = time.monotonic()
         os.kill(victim, signal.SIGKILL)
+        time.sleep(0.3)
+        replays = _haproxy_retries(faulty)
         time.sleep(40)
         stop.set()
     report = {"killed": f"Ingress/{victim}", "requests": len(outcomes),
               "served": outcomes.count("served"),
               "attempts": sum(t.sent for t in transports),
               "failed": sorted(set(o for o in outcomes if o != "served")),
-              "seconds_after_kill": round(time.monotonic() - killed_at, 1)}
+              "seconds_after_kill": round(time.monotonic() - killed_at, 1), "haproxy": replays}
     report["resent"] = report["attempts"] - report["requests"]
     print("fault Ingress, serve_app.client:", json.dumps(report))
     assert report["failed"] == [] and report["served"] > 0, report
-    assert report["resent"] > 0, report  # the kill was felt, and the client absorbed it
+    # The kill was felt, and absorbed: resent by the client or replayed by HAProxy.
+    assert report["resent"] + replays.get("retries", 0) > 0, report
 
 
 def test_a_wedged_classifier_is_found_by_its_health_check_and_replaced(faulty):

@@ -73,6 +73,7 @@ def test_the_wrapper_rewrites_the_config_then_becomes_the_real_binary(tmp_path):
     ran = (tmp_path / "ran").read_text()
     assert f"args=-db -f {config} -sf 123" in ran  # same arguments, in order
     assert f"errorfile 503 {tmp_path}/pages/503.http" in ran and "500.http" not in ran
+    assert "    option http-buffer-request" in ran  # serve_app/haproxy_replay.py
     for status in (502, 503, 504):
         page = (tmp_path / "pages" / f"{status}.http").read_bytes()
         assert page == haproxy_errors.error_page(status)
