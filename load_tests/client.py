@@ -139,6 +139,16 @@ def error_code(payload: bytes) -> str:
         return "-"
 
 
+def error_key(status: int, payload: bytes) -> str:
+    """``"503 overloaded"``: the status and serve_app's error code; ``"... (HAProxy)"`` for
+    one of serve_app's pages that HAProxy answered itself (no ``request_id``: the ingress
+    never saw it; serve_app/haproxy_shedding.py, serve_app/haproxy_errors.py)."""
+    code = error_code(payload)
+    if code != "-" and b'"request_id"' not in payload:
+        return f"{status} {code} (HAProxy)"
+    return f"{status} {code}"
+
+
 def request_head(host: str, port: int, path: str, content_type: str, length: int) -> bytes:
     return (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: {content_type}\r\n"
             f"Content-Length: {length}\r\nAccept: application/json\r\n\r\n").encode("latin-1")
@@ -303,7 +313,7 @@ async def open_loop(url: str, bodies: Sequence[bytes], rate: float, duration_s: 
             result.latencies_by_status.setdefault(status, []).append(ms)
             result.answers.append((start - began, status, ms))
             if status != 200:
-                key = f"{status} {error_code(payload)}"
+                key = error_key(status, payload)
                 result.error_codes[key] = result.error_codes.get(key, 0) + 1
             idle.append(conn)
         finally:

@@ -1,7 +1,7 @@
 """What serve_app's HAProxy replay settings buy and cost, measured on HAProxy alone (no Ray).
 
 serve_app runs HAProxy with ``retry-on conn-failure empty-response``, a 1 MiB buffer and
-``option http-buffer-request`` (serve_app/haproxy_replay.py): a request whose ingress closed
+``http-request wait-for-body`` (serve_app/haproxy_replay.py): a request whose ingress closed
 without answering is sent again, if it fits one buffer. This starts Ray's HAProxy binary in
 front of a small backend that closes the connection, after reading it, on the first attempt of
 every request (what a killed ingress does to the requests it has read), and for each set of
@@ -26,14 +26,14 @@ from serve_app import haproxy_replay
 
 _OURS = (int(haproxy_replay.REPLAY_ENV["RAY_SERVE_HAPROXY_TUNE_BUFSIZE"]),
          haproxy_replay.REPLAY_ENV["RAY_SERVE_HAPROXY_RETRY_ON"])
-#: (label, tune.bufsize, retry-on, http-buffer-request): Ray's defaults, then each of
+#: (label, tune.bufsize, retry-on, wait-for-body): Ray's defaults, then each of
 #: serve_app's settings added in turn, then a buffer as large as serve_app's max body.
 VARIANTS = [
     ("Ray's defaults (16 KiB, conn-failure)", 16 << 10, "conn-failure", False),
     ("+ empty-response", 16 << 10, _OURS[1], False),
     ("+ 1 MiB buffer", *_OURS, False),
-    ("+ http-buffer-request (serve_app)", *_OURS, True),
-    ("10 MiB buffer, http-buffer-request", 10 << 20, _OURS[1], True),
+    ("+ wait-for-body (serve_app)", *_OURS, True),
+    ("10 MiB buffer, wait-for-body", 10 << 20, _OURS[1], True),
 ]
 UPLOADS = [100_000, 900_000, 3_000_000]  # a photo, a large photo, a phone camera's
 
@@ -67,7 +67,8 @@ asyncio.run(main())
 def haproxy_config(bufsize: int, retry_on: str, buffer_request: bool, front: int,
                    back: int) -> str:
     """The settings of Ray's template that matter here, with the retry policy compared;
-    ``buffer_request``: rewritten as serve_app's HAProxy wrapper rewrites Ray's config."""
+    ``buffer_request``: rewritten as serve_app's HAProxy wrapper rewrites Ray's config (its
+    backend named as Ray names an application's)."""
     text = f"""global
     maxconn 4096
     tune.bufsize {bufsize}
@@ -83,8 +84,8 @@ defaults
     retry-on {retry_on}
 frontend front
     bind 127.0.0.1:{front}
-    default_backend back
-backend back
+    default_backend http-bench
+backend http-bench
     http-reuse always
     server ingress 127.0.0.1:{back}
 """

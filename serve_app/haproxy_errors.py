@@ -7,8 +7,9 @@ a 500: "a bug, do not retry", when the truth is "retry in a second". Ray exposes
 for those pages, only the binary it runs (``RAY_SERVE_HAPROXY_BINARY_PATH``). serve_app sets
 that to a small wrapper (:func:`install`) that points the config's ``errorfile`` lines at the
 pages below and then execs the real HAProxy, same PID and arguments, on every start and
-reload. The same rewrite adds the one setting of serve_app's replay of dropped requests that
-Ray has no option for (serve_app/haproxy_replay.py).
+reload. The same rewrite adds the rule of serve_app's replay of dropped requests that
+Ray has no option for (serve_app/haproxy_replay.py), and the rules that shed past capacity at
+the edge (serve_app/haproxy_shedding.py).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import re
 import sys
 from pathlib import Path
 
-from serve_app import haproxy_replay
+from serve_app import haproxy_replay, haproxy_shedding
 
 BINARY_ENV = "RAY_SERVE_HAPROXY_BINARY_PATH"
 
@@ -52,6 +53,15 @@ def rewrite_config(text: str, pages: dict[int, Path]) -> str:
                           text)
 
 
+def rewrite(text: str, directory: Path, environ) -> str:
+    """All the wrapper changes in Ray's config: the error pages, the request buffering of the
+    replay, and the edge shedding of the apps :data:`haproxy_shedding.LIMITS_ENV` names (added
+    last, so its rules come first: a refused request is not waited for)."""
+    text = haproxy_replay.buffer_requests(rewrite_config(text, page_paths(directory)))
+    shed = json.loads(environ.get(haproxy_shedding.LIMITS_ENV) or "{}")
+    return haproxy_shedding.shed_requests(text, shed, haproxy_shedding.pages(directory))
+
+
 def page_paths(directory: Path) -> dict[int, Path]:
     return {status: directory / f"{status}.http" for status in PAGES}
 
@@ -74,10 +84,12 @@ def install(directory: Path, real_binary: str | None = None) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     for status, path in page_paths(directory).items():
         _write(path, error_page(status))
+    for protocol, path in haproxy_shedding.pages(directory).items():
+        _write(path, haproxy_shedding.page_bodies()[protocol])
     wrapper = directory / "haproxy"
     _write(wrapper, (
         "#!/bin/sh\n"
-        "# serve_app's JSON error pages and request buffering (serve_app/haproxy_errors.py)\n"
+        "# serve_app's JSON error pages, replay and shedding (serve_app/haproxy_errors.py)\n"
         f'exec "{sys.executable}" -m serve_app.haproxy_errors "{real_binary}" "{directory}" "$@"\n'
     ).encode(), 0o755)
     return wrapper
@@ -106,7 +118,7 @@ def main(argv: list[str]) -> None:
         with open(f"{config}.lock", "w") as lock:  # the lock Ray writes the config under
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
             text = config.read_text()
-            rewritten = haproxy_replay.buffer_requests(rewrite_config(text, page_paths(directory)))
+            rewritten = rewrite(text, directory, os.environ)
             if rewritten != text:
                 config.write_text(rewritten)
     os.execv(real, [real, *args])

@@ -20,6 +20,7 @@ import copy
 import difflib
 import functools
 import itertools
+import json
 import math
 import os
 import re
@@ -30,7 +31,7 @@ from typing import Any, Iterable
 
 import yaml
 
-from serve_app import haproxy_errors, haproxy_replay, placement
+from serve_app import haproxy_errors, haproxy_replay, haproxy_shedding, placement
 from serve_app.configfile import APP_IMPORT_PATH, deployment_options, load
 from serve_app.launch import RAY_CLUSTER_ENV
 
@@ -354,14 +355,23 @@ AUTH_SECRET = "serve-app-api-token"
 AUTH_TOKEN_ENV = "SERVE_APP_API_TOKEN"
 
 
-def _haproxy_env(env: dict[str, Any]) -> dict[str, str]:
-    return HAPROXY_ENV if env.get("RAY_SERVE_ENABLE_HA_PROXY") == "1" else {}
+def _haproxy_env(env: dict[str, Any], config: dict[str, Any] | None) -> dict[str, str]:
+    """In HAProxy mode: the wrapper, the replay, and the edge shedding of ``config``'s apps
+    (serve_app/haproxy_shedding.py; none without a config), as serve_app/runner.py sets them
+    for ``make run``."""
+    if env.get("RAY_SERVE_ENABLE_HA_PROXY") != "1":
+        return {}
+    if config is None:
+        return dict(HAPROXY_ENV)
+    return {**HAPROXY_ENV,
+            haproxy_shedding.LIMITS_ENV: json.dumps(haproxy_shedding.limits(config),
+                                                    sort_keys=True)}
 
 
-def _env() -> list[dict[str, Any]]:
+def _env(config: dict[str, Any]) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [{"name": k, "value": v}
                                  for k, v in {**RAY_CLUSTER_ENV, **WRITABLE_ENV,
-                                              **_haproxy_env(RAY_CLUSTER_ENV)}.items()]
+                                              **_haproxy_env(RAY_CLUSTER_ENV, config)}.items()]
     env.append({"name": AUTH_TOKEN_ENV,
                 "valueFrom": {"secretKeyRef": {"name": AUTH_SECRET, "key": "token"}}})
     return env
@@ -445,7 +455,7 @@ def _artifact_seed(image: str) -> dict[str, Any]:
 
 
 def _pod(group: GroupPlan, image: str, container: str, ports: dict[str, int],
-         extra: dict[str, Any] | None = None, artifacts: bool = False,
+         config: dict[str, Any], extra: dict[str, Any] | None = None, artifacts: bool = False,
          volumes: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     resources = {"cpu": _cpu(group.cpus), "memory": _memory(group.memory_mib)}
     if group.gpus:
@@ -457,7 +467,7 @@ def _pod(group: GroupPlan, image: str, container: str, ports: dict[str, int],
             "name": container,
             "image": image,
             "imagePullPolicy": "IfNotPresent",
-            "env": _env(),
+            "env": _env(config),
             "ports": [{"name": n, "containerPort": p} for n, p in ports.items()],
             "resources": {"requests": dict(resources), "limits": dict(resources)},
             "securityContext": _container_security(),
@@ -522,7 +532,7 @@ def manifest(variant: Variant, root: Path = ROOT, image: str | None = None) -> d
             "rayStartParams": {"object-store-memory": str(g.object_store_mib * MIB),
                                "metrics-export-port": str(METRICS_PORT)},
             "template": _pod(g, image, "ray-worker", {"serve": port, "metrics": METRICS_PORT},
-                             extra, artifacts=g.name in compiled),
+                             config, extra, artifacts=g.name in compiled),
         })
     name = "serve-app" if variant.name == "gpu" else f"serve-app-{variant.name}"
     return {
@@ -557,7 +567,7 @@ def manifest(variant: Variant, root: Path = ROOT, image: str | None = None) -> d
                     "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0",
                                        "object-store-memory": str(head.object_store_mib * MIB),
                                        "metrics-export-port": str(METRICS_PORT)},
-                    "template": _pod(head, image, "ray-head", head_ports,
+                    "template": _pod(head, image, "ray-head", head_ports, config,
                                      volumes=[_tmp_volume(AUTOSCALER_TMP)]),
                 },
                 "workerGroupSpecs": workers,
@@ -761,16 +771,25 @@ def artifact_errors(dockerfile_text: str, config: str) -> list[str]:
 
 
 def haproxy_page_errors(doc: dict[str, Any], dockerfile_text: str) -> list[str]:
-    """Pods that run HAProxy must run it through serve_app's wrapper, installed by the image."""
+    """Pods that run HAProxy must run it through serve_app's wrapper, installed by the image,
+    with the shedding limits of the serveConfigV2 they serve."""
+    from serve_app.config import ConfigError
+
     errors, uses = [], False
+    config = yaml.safe_load(doc["spec"]["serveConfigV2"])
+    try:
+        haproxy_shedding.limits(config)
+    except ConfigError:  # reported on its own (consistency_errors); the limits are moot
+        config = None
     for name, _, ray in _containers(doc):
         env = {e.get("name"): e.get("value") for e in ray.get("env") or []}
-        for var, want in _haproxy_env(env).items():
+        for var, want in _haproxy_env(env, config).items():
             uses = True
             if env.get(var) != want:
                 errors.append(f"{name}/{ray.get('name')}: HAProxy mode without serve_app's "
-                              f"error pages: env {var} must be {want} (Ray's own pages "
-                              "answer every 502/503/504 with a plain-text 500)")
+                              f"HAProxy settings: env {var} must be {want} (without them a "
+                              "502/503/504 is Ray's plain-text 500, what a dying ingress held "
+                              "is dropped, and refusals wait for the ingress): `make k8s`")
     if uses and not re.search(rf"^RUN\s+python -m serve_app\.haproxy_errors install "
                               rf"{re.escape(HAPROXY_DIR)}\s*$", dockerfile_text, re.M):
         errors.append(f"the pods run HAProxy through {HAPROXY_ENV[haproxy_errors.BINARY_ENV]}, "

@@ -12,12 +12,15 @@ metrics port applies, and this is plain ``serve run``.
 
 In HAProxy mode the cluster it starts runs HAProxy through serve_app's wrapper, so HAProxy's
 own 502/503/504 reach clients as JSON with their status, not Ray's plain 500
-(serve_app/haproxy_errors.py).
+(serve_app/haproxy_errors.py), a request a dying ingress dropped is sent again
+(serve_app/haproxy_replay.py), and past capacity HAProxy refuses what the ingress would
+(serve_app/haproxy_shedding.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -31,11 +34,13 @@ def starts_own_cluster(address: str | None) -> bool:
     return address in (None, "", "local")
 
 
-def use_json_error_pages(env) -> None:
-    """In HAProxy mode, unless the caller chose a binary: HAProxy through the wrapper, and
-    its replay of requests a dying ingress dropped, unless the caller chose otherwise (the
-    cluster's processes inherit ``env``)."""
-    from serve_app import haproxy_errors, haproxy_replay
+def configure_haproxy(env, config: dict | None = None) -> None:
+    """In HAProxy mode: HAProxy through serve_app's wrapper (JSON error pages), its replay of
+    requests a dying ingress dropped, and the edge shedding of ``config``'s serve_app
+    applications, each unless the caller chose otherwise (the cluster's processes inherit
+    ``env``)."""
+    from serve_app import haproxy_errors, haproxy_replay, haproxy_shedding
+    from serve_app.config import ConfigError
 
     if env.get("RAY_SERVE_ENABLE_HA_PROXY") != "1":
         return
@@ -44,6 +49,11 @@ def use_json_error_pages(env) -> None:
         env[haproxy_errors.BINARY_ENV] = str(haproxy_errors.install(directory))
     for name, value in haproxy_replay.REPLAY_ENV.items():
         env.setdefault(name, value)
+    if config is not None and haproxy_shedding.LIMITS_ENV not in env:
+        try:
+            env[haproxy_shedding.LIMITS_ENV] = json.dumps(haproxy_shedding.limits(config))
+        except ConfigError as exc:  # serve run reports it; nothing to shed for
+            print(f"serve_app: no edge shedding: {exc}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
 
     address = os.environ.get("RAY_ADDRESS")
     if starts_own_cluster(address):
-        use_json_error_pages(os.environ)
+        from serve_app import configfile
+
+        configure_haproxy(os.environ, configfile.load(args.config))
         kwargs = {"_temp_dir": args.ray_temp_dir} if args.ray_temp_dir else {}
         if args.num_cpus is not None:
             kwargs["num_cpus"] = args.num_cpus

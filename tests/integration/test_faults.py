@@ -23,6 +23,7 @@ from serve_app.fault_injection import WEDGE_ENV
 from serve_app.launch import ServeProcess
 from tests.conftest import CONFIGS
 from tests.integration.closed_loop import CLIENT_TIMEOUT_S, Load, summary
+from tests.integration.haproxy_stats import backend_counters
 from tests.integration.polling import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -63,26 +64,13 @@ def _kill_under_load(svc, deployment: str, seconds: float = 45.0) -> tuple[dict,
         os.kill(victim, signal.SIGKILL)
         if deployment == "Ingress":
             time.sleep(0.3)  # HAProxy retries at once; its counters reset when Ray reloads it
-            fault["haproxy"] = _haproxy_retries(svc)
+            fault["haproxy"] = backend_counters(svc)
 
     load.run(seconds, kill)
     report = {"killed": f"{deployment}/{victim}", **summary(load.answers, fault["at"]),
               **({"haproxy": fault["haproxy"]} if "haproxy" in fault else {})}
     print(f"fault {deployment}:", json.dumps(report))
     return report, load.answers
-
-
-def _haproxy_retries(svc) -> dict:
-    """The retries and redispatches HAProxy's stats count for serve_app's backend."""
-    port = svc.cluster_env["RAY_SERVE_HAPROXY_STATS_PORT"]
-    rows = httpx.get(f"http://127.0.0.1:{port}/stats;csv", timeout=5).text.splitlines()
-    header = rows[0].lstrip("# ").split(",")
-    for row in rows[1:]:
-        fields = dict(zip(header, row.split(",")))
-        if fields.get("svname") == "BACKEND" and fields.get("pxname") == "http-serve_app":
-            return {"retries": int(fields["wretr"] or 0),
-                    "redispatches": int(fields["wredis"] or 0)}
-    return {}
 
 
 def _assert_answered_and_recovered(report: dict, answers: list, allowed: set) -> None:
@@ -174,7 +162,7 @@ def test_a_killed_ingress_costs_serve_apps_client_nothing(faulty):
         killed_at = time.monotonic()
         os.kill(victim, signal.SIGKILL)
         time.sleep(0.3)
-        replays = _haproxy_retries(faulty)
+        replays = backend_counters(faulty)
         time.sleep(40)
         stop.set()
     report = {"killed": f"Ingress/{victim}", "requests": len(outcomes),

@@ -184,6 +184,8 @@ def test_three_times_capacity_sheds_fast_and_recovers(shipped):
               "rss_mib": {f"{pids[p]}/{p}": [rss_before.get(p), rss_mid.get(p), rss_after.get(p)]
                           for p in pids},
               "probe": probe,
+              # refused by HAProxy itself, before the ingress (serve_app/haproxy_shedding.py)
+              "shed_at_edge": load.error_codes.get("503 overloaded (HAProxy)", 0),
               # a busy model must not pass for a missing one (serve_app/availability.py)
               "model_went_down": shipped.serve_log_count("No replica of")}
     print("overload:", json.dumps(report))
@@ -199,6 +201,7 @@ def test_three_times_capacity_sheds_fast_and_recovers(shipped):
     assert load.percentile_ms(503, 50) < 100, report
     assert load.percentile_ms(503, 95) < load.percentile_ms(200, 50), report
     assert load.percentile_ms(200, 99) < wait_bound_ms, report
+    assert report["shed_at_edge"] > 0, report  # HAProxy (make run's proxy) refused some
     assert probe.get("retry_after") == "1", report
     assert probe["content_type"] == "application/json", report
     assert probe["body"]["error"]["code"] == "overloaded", report

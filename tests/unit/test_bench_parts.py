@@ -212,7 +212,8 @@ def test_open_loop_keeps_its_rate_when_the_server_sheds():
                     shed = count % 2 == 0
                     if not shed:
                         await asyncio.sleep(0.05)
-                    body = b'{"error":{"code":"overloaded"}}' if shed else b'{"ok":1}'
+                    body = (b'{"error":{"code":"overloaded"},"request_id":"r"}' if shed
+                            else b'{"ok":1}')
                     status = b"503 Service Unavailable" if shed else b"200 OK"
                     writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Length: "
                                  + str(len(body)).encode() + b"\r\n\r\n" + body)
@@ -247,3 +248,15 @@ def test_error_code_reads_serve_apps_error_body_or_says_none():
 
     assert error_code(b'{"error": {"code": "not_ready", "message": "m"}}') == "not_ready"
     assert error_code(b"no json") == error_code(b'{"detail": 1}') == error_code(b"[1]") == "-"
+
+
+def test_error_key_tells_haproxys_own_answers_from_the_ingress():
+    from load_tests.client import error_key
+    from serve_app import haproxy_errors, haproxy_shedding
+
+    ingress = b'{"error": {"code": "overloaded", "message": "m"}, "request_id": "abc"}'
+    assert error_key(503, ingress) == "503 overloaded"
+    assert error_key(503, haproxy_shedding.page_bodies()["v1"]) == "503 overloaded (HAProxy)"
+    page = haproxy_errors.error_page(502).split(b"\r\n\r\n", 1)[1]
+    assert error_key(502, page) == "502 replica_lost (HAProxy)"
+    assert error_key(503, b"plain text") == "503 -"

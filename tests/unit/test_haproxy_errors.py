@@ -73,7 +73,6 @@ def test_the_wrapper_rewrites_the_config_then_becomes_the_real_binary(tmp_path):
     ran = (tmp_path / "ran").read_text()
     assert f"args=-db -f {config} -sf 123" in ran  # same arguments, in order
     assert f"errorfile 503 {tmp_path}/pages/503.http" in ran and "500.http" not in ran
-    assert "    option http-buffer-request" in ran  # serve_app/haproxy_replay.py
     for status in (502, 503, 504):
         page = (tmp_path / "pages" / f"{status}.http").read_bytes()
         assert page == haproxy_errors.error_page(status)
@@ -86,11 +85,11 @@ def test_runner_installs_the_wrapper_only_in_haproxy_mode_and_never_over_a_choic
 
     monkeypatch.setattr(haproxy_errors, "install", lambda d: tmp_path / "haproxy")
     env = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
-    runner.use_json_error_pages(env)
+    runner.configure_haproxy(env)
     assert env[haproxy_errors.BINARY_ENV] == str(tmp_path / "haproxy")
     chosen = {"RAY_SERVE_ENABLE_HA_PROXY": "1", haproxy_errors.BINARY_ENV: "/opt/haproxy"}
-    runner.use_json_error_pages(chosen)
+    runner.configure_haproxy(chosen)
     assert chosen[haproxy_errors.BINARY_ENV] == "/opt/haproxy"
     off = {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
-    runner.use_json_error_pages(off)
+    runner.configure_haproxy(off)
     assert haproxy_errors.BINARY_ENV not in off

@@ -15,11 +15,11 @@ def test_runner_sets_the_replay_unless_the_caller_chose_it(tmp_path, monkeypatch
 
     monkeypatch.setattr(haproxy_errors, "install", lambda d: tmp_path / "haproxy")
     env = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
-    runner.use_json_error_pages(env)
+    runner.configure_haproxy(env)
     assert env["RAY_SERVE_HAPROXY_RETRY_ON"] == "conn-failure empty-response"
     assert int(env["RAY_SERVE_HAPROXY_TUNE_BUFSIZE"]) >= 1 << 20  # a photo fits: replayable
     chosen = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure"}
-    runner.use_json_error_pages(chosen)
+    runner.configure_haproxy(chosen)
     assert chosen["RAY_SERVE_HAPROXY_RETRY_ON"] == "conn-failure"
 
 
@@ -39,35 +39,44 @@ def test_runner_leaves_the_replay_off_outside_haproxy_mode():
     from serve_app import runner
 
     off = {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
-    runner.use_json_error_pages(off)
+    runner.configure_haproxy(off)
     assert not set(haproxy_replay.REPLAY_ENV) & set(off)
 
 
 _RENDER = """import sys
 from pathlib import Path
-from ray.serve._private.haproxy import HAProxyApi, HAProxyConfig, get_haproxy_binary
+from ray.serve._private.haproxy import (BackendConfig, HAProxyApi, HAProxyConfig, ServerConfig,
+                                         get_haproxy_binary)
 d = Path(sys.argv[1])
 cfg = HAProxyConfig(socket_path=str(d / "admin.sock"), server_state_base=str(d),
                     server_state_file=str(d / "state"), error_file_path=str(d / "500.http"))
-HAProxyApi(cfg=cfg, config_file_path=str(d / "haproxy.cfg"))._generate_config_file_internal()
+backend = BackendConfig(name="http-serve_app", path_prefix="/", app_name="serve_app",
+                        servers=[ServerConfig(name="a", host="127.0.0.1", port=20000)],
+                        fallback_server=ServerConfig(name="fb", host="127.0.0.1", port=20001))
+HAProxyApi(cfg=cfg, backend_configs={"serve_app": backend},
+           config_file_path=str(d / "haproxy.cfg"))._generate_config_file_internal()
 print(get_haproxy_binary())
 """
 
 
-def test_rays_real_config_gets_the_option_once_in_defaults_and_haproxy_accepts_it(tmp_path):
-    """Ray's template, rendered by Ray, then rewritten as the wrapper does, then checked by the
-    HAProxy binary Ray runs (``haproxy -c``)."""
+def test_rays_real_config_waits_for_whole_bodies_in_the_apps_backend_and_haproxy_accepts_it(
+        tmp_path):
+    """Ray's template, rendered by Ray with serve_app's settings and one application, then
+    rewritten as the wrapper does, then checked by the HAProxy binary Ray runs."""
+    env = {**os.environ, **haproxy_replay.REPLAY_ENV}
     out = subprocess.run([sys.executable, "-c", _RENDER, str(tmp_path)], capture_output=True,
-                         text=True, check=True, timeout=120).stdout
+                         text=True, check=True, timeout=120, env=env).stdout
     binary = out.strip().splitlines()[-1]
     ray_config = (tmp_path / "haproxy.cfg").read_text()
-    assert haproxy_replay.BUFFER_REQUEST not in ray_config  # else this rewrite is moot
+    assert "wait-for-body" not in ray_config and "http-buffer-request" not in ray_config
     rewritten = haproxy_replay.buffer_requests(ray_config)
     assert haproxy_replay.buffer_requests(rewritten) == rewritten  # a reload adds nothing
-    defaults = rewritten[rewritten.index("\ndefaults"):].split("\nfrontend", 1)[0]
-    assert defaults.count(f"    {haproxy_replay.BUFFER_REQUEST}\n") == 1
-    assert rewritten.count(haproxy_replay.BUFFER_REQUEST) == 1
-    assert rewritten.replace(f"    {haproxy_replay.BUFFER_REQUEST}\n", "") == ray_config
+    rule = haproxy_replay.wait_for_body(1 << 20)  # the buffer Ray was given
+    assert "le 1048576 }" in rule
+    backend = rewritten[rewritten.index("\nbackend http-serve_app\n"):].split("\nlisten", 1)[0]
+    assert backend.count(f"    {rule}\n") == 1 and rewritten.count("wait-for-body") == 1
+    added = [line for line in rewritten.splitlines() if line not in ray_config.splitlines()]
+    assert added == [f"    # {haproxy_replay.MARK}", f"    {rule}"]
     path = tmp_path / "rewritten.cfg"
     path.write_text(rewritten)
     check = subprocess.run([binary, "-c", "-f", str(path)], capture_output=True, text=True,

@@ -6,6 +6,7 @@ No cluster: these load YAML, render, diff, and validate with jsonschema and Ray'
 from __future__ import annotations
 
 import copy
+import json
 import os
 import re
 import shutil
@@ -115,14 +116,20 @@ def test_manifests_are_consistent(variant):
 def test_every_pod_runs_ray_with_serve_apps_cluster_env(variant):
     from serve_app.launch import RAY_CLUSTER_ENV
 
-    cluster = doc(variant)["spec"]["rayClusterConfig"]
+    from serve_app import haproxy_shedding
+
+    d = doc(variant)
+    cluster = d["spec"]["rayClusterConfig"]
     groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    shed = json.dumps(haproxy_shedding.limits(yaml.safe_load(d["spec"]["serveConfigV2"])),
+                      sort_keys=True)
     for group in groups:
         env = {e["name"]: e.get("value", e.get("valueFrom"))
                for e in ray_container(group).get("env", [])}
         token = env.pop("SERVE_APP_API_TOKEN")
         assert token == {"secretKeyRef": {"name": "serve-app-api-token", "key": "token"}}
-        assert env == {**RAY_CLUSTER_ENV, **k8s.WRITABLE_ENV, **k8s.HAPROXY_ENV}
+        assert env == {**RAY_CLUSTER_ENV, **k8s.WRITABLE_ENV, **k8s.HAPROXY_ENV,
+                       haproxy_shedding.LIMITS_ENV: shed}
         assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
 
 
@@ -481,6 +488,22 @@ def test_pods_run_haproxy_through_the_json_error_pages_the_image_installs(tmp_pa
     worker["env"] = [e for e in worker["env"] if e["name"] != "RAY_SERVE_HAPROXY_BINARY_PATH"]
     errors = k8s.haproxy_page_errors(d, text)
     assert len(errors) == 1 and "RAY_SERVE_HAPROXY_BINARY_PATH must be" in errors[0], errors
+
+
+def test_pods_shed_at_the_limits_of_the_config_they_serve():
+    """The pods' edge-shedding limits are those of their serveConfigV2; a config changed
+    without `make k8s` (here: a larger grouping queue) is an error naming the variable."""
+    from serve_app import haproxy_shedding
+
+    d = doc(CPU)
+    head = ray_container(d["spec"]["rayClusterConfig"]["headGroupSpec"])
+    env = {e["name"]: e.get("value") for e in head["env"]}
+    config = yaml.safe_load(d["spec"]["serveConfigV2"])
+    assert json.loads(env[haproxy_shedding.LIMITS_ENV]) == haproxy_shedding.limits(config)
+    config["applications"][0]["args"]["dispatch"]["max_queued"] += 32
+    d["spec"]["serveConfigV2"] = yaml.safe_dump(config, sort_keys=False)
+    errors = k8s.haproxy_page_errors(d, (k8s.ROOT / "Dockerfile").read_text())
+    assert errors and all(haproxy_shedding.LIMITS_ENV in e for e in errors), errors
 
 
 def test_the_wrapper_installs_from_its_command_line(tmp_path):
