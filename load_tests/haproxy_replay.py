@@ -37,8 +37,12 @@ VARIANTS = [
 ]
 UPLOADS = [100_000, 900_000, 3_000_000]  # a photo, a large photo, a phone camera's
 
-_BACKEND = r'''
+#: ``python -c BACKEND PORT HOLD_S CLOSE_FIRST``: an HTTP/1.1 server that answers 200 after
+#: HOLD_S seconds, and with CLOSE_FIRST "1" first closes each request's first attempt (by its
+#: X-Request-Id) unanswered, as a killed ingress does to what it had read.
+BACKEND = r'''
 import asyncio, sys
+hold_s, close_first = float(sys.argv[2]), sys.argv[3] == "1"
 seen = set()
 async def handle(r, w):
     try:
@@ -48,11 +52,11 @@ async def handle(r, w):
             fields = {k.lower(): v for k, v in fields.items()}
             await r.readexactly(int(fields.get(b"content-length", b"0")))
             rid = fields.get(b"x-request-id")
-            if rid not in seen:  # its first attempt: close, as a killed ingress does
+            if close_first and rid not in seen:  # its first attempt
                 seen.add(rid)
                 w.close()
                 return
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(hold_s)
             w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
             await w.drain()
     except (asyncio.IncompleteReadError, ConnectionError):
@@ -127,7 +131,7 @@ def measure(variant: tuple, binary: str, requests: int, concurrency: int) -> dic
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Path(tmp) / "haproxy.cfg"
         cfg.write_text(haproxy_config(bufsize, retry_on, buffer_request, front, back))
-        backend = subprocess.Popen([sys.executable, "-c", _BACKEND, str(back)])
+        backend = subprocess.Popen([sys.executable, "-c", BACKEND, str(back), "0.05", "1"])
         proxy = subprocess.Popen([binary, "-f", str(cfg)])
         try:
             time.sleep(1.0)

@@ -41,27 +41,6 @@ def test_serve_apps_settings_replay_what_rays_drop():
     assert "200" not in ours[f"{large}"], ours  # 3 MB: over the buffer, not replayed
 
 
-_SLOW = r"""
-import asyncio, sys
-async def handle(r, w):
-    try:
-        while True:
-            head = await r.readuntil(b"\r\n\r\n")
-            size = [int(l.split(b":")[1]) for l in head.split(b"\r\n")
-                    if l.lower().startswith(b"content-length:")]
-            await r.readexactly(size[0] if size else 0)
-            await asyncio.sleep(1.0)
-            w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-            await w.drain()
-    except (asyncio.IncompleteReadError, ConnectionError):
-        w.close()
-async def main():
-    server = await asyncio.start_server(handle, "127.0.0.1", int(sys.argv[1]))
-    await server.serve_forever()
-asyncio.run(main())
-"""
-
-
 def test_past_admit_per_server_haproxy_answers_the_json_503_at_once(tmp_path):
     """Two servers, ``admit`` 3: of 10 concurrent POSTs 6 are served and 4 refused at once with
     the ingress's JSON body and Retry-After, /v2 in its own shape; a GET is never refused."""
@@ -87,7 +66,8 @@ backend http-serve_app
     wrapper = haproxy_errors.install(tmp_path / "pages", get_haproxy_binary())
     env = {**os.environ, haproxy_shedding.LIMITS_ENV: json.dumps(
         {"http-serve_app": {"admit": 3, "retry_after_s": 2}})}
-    procs = [subprocess.Popen([sys.executable, "-c", _SLOW, str(port)]) for port in backs]
+    procs = [subprocess.Popen([sys.executable, "-c", bench.BACKEND, str(port), "1.0", "0"])
+             for port in backs]
     procs.append(subprocess.Popen([str(wrapper), "-f", str(config)], env=env))
     try:
         time.sleep(1.5)

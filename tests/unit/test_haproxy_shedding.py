@@ -94,3 +94,11 @@ def test_runner_sets_the_limits_of_the_config_it_serves(tmp_path, monkeypatch, c
     off = {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
     runner.configure_haproxy(off, configfile.load(CONFIGS / "local.yaml"))
     assert haproxy_shedding.LIMITS_ENV not in off
+
+
+def test_the_message_is_the_one_the_ingress_sends_when_ray_pushes_back():
+    import inspect
+
+    from serve_app.api import common
+
+    assert f'"overloaded", "{haproxy_shedding.MESSAGE}"' in inspect.getsource(common)
