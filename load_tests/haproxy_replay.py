@@ -68,10 +68,10 @@ asyncio.run(main())
 '''
 
 
-def haproxy_config(bufsize: int, retry_on: str, buffer_request: bool, front: int,
+def haproxy_config(bufsize: int, retry_on: str, wait_for_body: bool, front: int,
                    back: int) -> str:
     """The settings of Ray's template that matter here, with the retry policy compared;
-    ``buffer_request``: rewritten as serve_app's HAProxy wrapper rewrites Ray's config (its
+    ``wait_for_body``: rewritten as serve_app's HAProxy wrapper rewrites Ray's config (its
     backend named as Ray names an application's)."""
     text = f"""global
     maxconn 4096
@@ -93,7 +93,7 @@ backend http-bench
     http-reuse always
     server ingress 127.0.0.1:{back}
 """
-    return haproxy_replay.buffer_requests(text) if buffer_request else text
+    return haproxy_replay.buffer_requests(text) if wait_for_body else text
 
 
 def rss_mib(pid: int) -> float:
@@ -126,17 +126,17 @@ async def uploads(port: int, size: int, n: int, concurrency: int, tag: str) -> d
 def measure(variant: tuple, binary: str, requests: int, concurrency: int) -> dict:
     from serve_app.launch import free_ports
 
-    label, bufsize, retry_on, buffer_request = variant
+    label, bufsize, retry_on, wait_for_body = variant
     front, back = free_ports(2)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Path(tmp) / "haproxy.cfg"
-        cfg.write_text(haproxy_config(bufsize, retry_on, buffer_request, front, back))
+        cfg.write_text(haproxy_config(bufsize, retry_on, wait_for_body, front, back))
         backend = subprocess.Popen([sys.executable, "-c", BACKEND, str(back), "0.05", "1"])
         proxy = subprocess.Popen([binary, "-f", str(cfg)])
         try:
             time.sleep(1.0)
             row = {"label": label, "bufsize": bufsize, "retry_on": retry_on,
-                   "http_buffer_request": buffer_request,
+                   "wait_for_body": wait_for_body,
                    "rss_idle_mib": round(rss_mib(proxy.pid), 1)}
             for size in UPLOADS:
                 statuses = asyncio.run(uploads(front, size, requests, concurrency, str(size)))

@@ -355,23 +355,21 @@ AUTH_SECRET = "serve-app-api-token"
 AUTH_TOKEN_ENV = "SERVE_APP_API_TOKEN"
 
 
-def _haproxy_env(env: dict[str, Any], config: dict[str, Any] | None) -> dict[str, str]:
-    """In HAProxy mode: the wrapper, the replay, and the edge shedding of ``config``'s apps
-    (serve_app/haproxy_shedding.py; none without a config), as serve_app/runner.py sets them
-    for ``make run``."""
+def _haproxy_env(env: dict[str, Any], shed: dict[str, Any] | None) -> dict[str, str]:
+    """In HAProxy mode: the wrapper, the replay, and the edge shedding at ``shed``
+    (haproxy_shedding.limits of the Serve config; none: not checked), as serve_app/runner.py
+    sets them for ``make run``."""
     if env.get("RAY_SERVE_ENABLE_HA_PROXY") != "1":
         return {}
-    if config is None:
+    if shed is None:
         return dict(HAPROXY_ENV)
-    return {**HAPROXY_ENV,
-            haproxy_shedding.LIMITS_ENV: json.dumps(haproxy_shedding.limits(config),
-                                                    sort_keys=True)}
+    return {**HAPROXY_ENV, haproxy_shedding.LIMITS_ENV: json.dumps(shed, sort_keys=True)}
 
 
-def _env(config: dict[str, Any]) -> list[dict[str, Any]]:
+def _env(shed: dict[str, Any]) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [{"name": k, "value": v}
                                  for k, v in {**RAY_CLUSTER_ENV, **WRITABLE_ENV,
-                                              **_haproxy_env(RAY_CLUSTER_ENV, config)}.items()]
+                                              **_haproxy_env(RAY_CLUSTER_ENV, shed)}.items()]
     env.append({"name": AUTH_TOKEN_ENV,
                 "valueFrom": {"secretKeyRef": {"name": AUTH_SECRET, "key": "token"}}})
     return env
@@ -455,7 +453,7 @@ def _artifact_seed(image: str) -> dict[str, Any]:
 
 
 def _pod(group: GroupPlan, image: str, container: str, ports: dict[str, int],
-         config: dict[str, Any], extra: dict[str, Any] | None = None, artifacts: bool = False,
+         shed: dict[str, Any], extra: dict[str, Any] | None = None, artifacts: bool = False,
          volumes: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     resources = {"cpu": _cpu(group.cpus), "memory": _memory(group.memory_mib)}
     if group.gpus:
@@ -467,7 +465,7 @@ def _pod(group: GroupPlan, image: str, container: str, ports: dict[str, int],
             "name": container,
             "image": image,
             "imagePullPolicy": "IfNotPresent",
-            "env": _env(config),
+            "env": _env(shed),
             "ports": [{"name": n, "containerPort": p} for n, p in ports.items()],
             "resources": {"requests": dict(resources), "limits": dict(resources)},
             "securityContext": _container_security(),
@@ -514,6 +512,7 @@ def manifest(variant: Variant, root: Path = ROOT, image: str | None = None) -> d
     port = (config.get("http_options") or {}).get("port", SERVE_PORT)
     head_ports = dict(HEAD_PORTS, serve=port, metrics=METRICS_PORT)
     compiled = artifact_groups(variant, config)
+    shed = haproxy_shedding.limits(config)  # once: it validates the whole Serve config
     workers = []
     for g in groups:
         extra = None
@@ -532,7 +531,7 @@ def manifest(variant: Variant, root: Path = ROOT, image: str | None = None) -> d
             "rayStartParams": {"object-store-memory": str(g.object_store_mib * MIB),
                                "metrics-export-port": str(METRICS_PORT)},
             "template": _pod(g, image, "ray-worker", {"serve": port, "metrics": METRICS_PORT},
-                             config, extra, artifacts=g.name in compiled),
+                             shed, extra, artifacts=g.name in compiled),
         })
     name = "serve-app" if variant.name == "gpu" else f"serve-app-{variant.name}"
     return {
@@ -567,7 +566,7 @@ def manifest(variant: Variant, root: Path = ROOT, image: str | None = None) -> d
                     "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0",
                                        "object-store-memory": str(head.object_store_mib * MIB),
                                        "metrics-export-port": str(METRICS_PORT)},
-                    "template": _pod(head, image, "ray-head", head_ports, config,
+                    "template": _pod(head, image, "ray-head", head_ports, shed,
                                      volumes=[_tmp_volume(AUTOSCALER_TMP)]),
                 },
                 "workerGroupSpecs": workers,
@@ -776,14 +775,13 @@ def haproxy_page_errors(doc: dict[str, Any], dockerfile_text: str) -> list[str]:
     from serve_app.config import ConfigError
 
     errors, uses = [], False
-    config = yaml.safe_load(doc["spec"]["serveConfigV2"])
     try:
-        haproxy_shedding.limits(config)
+        shed = haproxy_shedding.limits(yaml.safe_load(doc["spec"]["serveConfigV2"]))
     except ConfigError:  # reported on its own (consistency_errors); the limits are moot
-        config = None
+        shed = None
     for name, _, ray in _containers(doc):
         env = {e.get("name"): e.get("value") for e in ray.get("env") or []}
-        for var, want in _haproxy_env(env, config).items():
+        for var, want in _haproxy_env(env, shed).items():
             uses = True
             if env.get(var) != want:
                 errors.append(f"{name}/{ray.get('name')}: HAProxy mode without serve_app's "
