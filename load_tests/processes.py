@@ -43,6 +43,20 @@ def memory_mib(pids: dict[int, str], private: bool = False) -> dict[int, float]:
     return out
 
 
+def cpu_seconds(pids: dict[int, str]) -> dict[int, float]:
+    """User + system CPU-seconds each live pid has spent (children not counted)."""
+    import psutil
+
+    out = {}
+    for pid in pids:
+        try:
+            times = psutil.Process(pid).cpu_times()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+        out[pid] = times.user + times.system
+    return out
+
+
 def reset_peak(pid: int) -> bool:
     """Start ``pid``'s peak RSS (VmHWM) over from its current RSS (Linux's ``clear_refs`` 5);
     False where that is not allowed, e.g. another user's process."""

@@ -18,7 +18,8 @@ Two entry points, both classes so ``policy_kwargs`` in the YAML reach them:
 
 * ``serve_app.autoscaling:BatchAwarePolicy``: a deployment policy for the Classifier.
 * ``serve_app.autoscaling:AppPolicy``: an application policy: each Classifier as above, each
-  Preprocessor in proportion to the classifiers it feeds, the Ingress as Ray's default would.
+  Preprocessor in proportion to the classifiers it feeds, the Ingress on its own CPU
+  (:func:`ingress_replicas`).
 
 Every deployment keeps its target while replicas are starting (:func:`hold_while_starting`),
 so a replica is never removed sooner than ``downscale_delay_s`` after it became ready.
@@ -46,6 +47,8 @@ IMAGES_QUEUED = "images_queued"
 #: The images/s the Ingress is offered for a classifier, refused ones included:
 #: ``images_offered_per_s/<deployment>``.
 IMAGES_OFFERED = "images_offered_per_s"
+#: The CPU-seconds per second an Ingress replica's process spent since its last report.
+INGRESS_CPU = "cpu_per_s"
 
 
 def images_queued_key(classifier: str) -> str:
@@ -203,6 +206,24 @@ def queue_length_replicas(total_requests: float, target_ongoing: float, current:
     return clamp(math.ceil(max(0.0, total_requests) / target_ongoing), min_replicas, max_replicas)
 
 
+def ingress_replicas(cpu_per_s: Optional[float], target: float, current: int, min_replicas: int,
+                     max_replicas: int, downscale_headroom: float) -> Optional[int]:
+    """Ingress replicas for the CPU its replicas spend (summed), ``target`` CPU-s/s each, with
+    :func:`desired_replicas`'s hold band; None before any report (then Ray's rule applies).
+
+    The Ingress's ongoing requests are mostly waiting on the models (queued for a call slot,
+    or in a call), so Ray's count rose past ``target_ongoing_requests`` under any overload of
+    the classifiers and added an Ingress that could only take CPU from them: at 3x capacity the
+    second one started 7.6 s in, and refusals then took 0.2-0.35 s for 10 s (the HAProxy
+    reload, the new replica's start) against 2-5 ms otherwise. An event loop near a core of
+    CPU is what another replica relieves.
+    """
+    if cpu_per_s is None:
+        return None
+    return desired_replicas(cpu_per_s, current, target, min_replicas, max_replicas,
+                            downscale_headroom)
+
+
 #: Policy-state key: when the deployment last began having replicas that are not running yet.
 STARTING_SINCE = "starting_since"
 
@@ -295,14 +316,19 @@ class AppPolicy:
     queued for it in the Ingress as well as its own. A Preprocessor gets at least
     ``preprocessors_per_classifier`` replicas per replica of the classifiers it feeds (rounded
     up), so image decoding keeps pace with the models before its own queue builds; its queue
-    still raises it. Any other deployment (the Ingress) follows Ray's default rule.
+    still raises it. The Ingress scales on its own CPU, ``ingress_cpu_target`` CPU-seconds per
+    second per replica (:func:`ingress_replicas`). Any other deployment, and the Ingress before
+    it reports, follows Ray's default rule.
     """
 
     def __init__(self, latency_target_s: float = 1.0, downscale_headroom: float = 0.8,
                  preprocessors_per_classifier: float = 0.5, start_hold_limit_s: float = 300.0,
-                 utilization_target: float = 0.8):
+                 utilization_target: float = 0.8, ingress_cpu_target: float = 0.7):
         if preprocessors_per_classifier < 0:
             raise ValueError("preprocessors_per_classifier must be >= 0")
+        if ingress_cpu_target <= 0:
+            raise ValueError(f"ingress_cpu_target must be > 0, got {ingress_cpu_target}")
+        self.ingress_cpu_target = ingress_cpu_target
         self.classifier = BatchAwarePolicy(latency_target_s, downscale_headroom,
                                            start_hold_limit_s, utilization_target)
         self.preprocessors_per_classifier = preprocessors_per_classifier
@@ -327,10 +353,17 @@ class AppPolicy:
         for dep_id, ctx in contexts.items():
             if dep_id in decisions:
                 continue
-            desired = queue_length_replicas(
-                ctx.total_num_requests, ctx.config.get_target_ongoing_requests(),
-                ctx.current_num_replicas, ctx.target_num_replicas,
-                ctx.capacity_adjusted_min_replicas, ctx.capacity_adjusted_max_replicas)
+            desired = None
+            if topology.role(dep_id.name) == topology.INGRESS:
+                desired = ingress_replicas(
+                    reported_sum(ctx.aggregated_metrics, INGRESS_CPU), self.ingress_cpu_target,
+                    ctx.current_num_replicas, ctx.capacity_adjusted_min_replicas,
+                    ctx.capacity_adjusted_max_replicas, self.classifier.downscale_headroom)
+            if desired is None:
+                desired = queue_length_replicas(
+                    ctx.total_num_requests, ctx.config.get_target_ongoing_requests(),
+                    ctx.current_num_replicas, ctx.target_num_replicas,
+                    ctx.capacity_adjusted_min_replicas, ctx.capacity_adjusted_max_replicas)
             if topology.role(dep_id.name) == topology.PREPROCESSOR:
                 fed = [classifiers[c] for c in
                        topology.preprocessor_feeds(dep_id.name, ctx.aggregated_metrics)

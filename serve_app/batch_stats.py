@@ -84,20 +84,24 @@ class BatchCounter:
 
 class RateMeter:
     """Events per second between two reads: the ingress's images offered to a model, those it
-    refused included, so the policy sees demand that no queue holds."""
+    refused included, so the policy sees demand that no queue holds. With ``total``, the rate
+    of that running total instead of :meth:`add`'s count: ``time.process_time`` gives the
+    CPU-seconds per second a process spends (the Ingress's own load)."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic,
+                 total: Optional[Callable[[], float]] = None) -> None:
         self.clock = clock
         self.count = 0
-        self._last: Optional[tuple[float, int]] = None
+        self._total = total if total is not None else (lambda: self.count)
+        self._last: Optional[tuple[float, float]] = None
         self._rate = 0.0
 
     def add(self, n: int = 1) -> None:
         self.count += n
 
     def rate(self) -> float:
-        now = self.clock()
+        now, total = self.clock(), self._total()
         if self._last is not None and now > self._last[0]:
-            self._rate = (self.count - self._last[1]) / (now - self._last[0])
-        self._last = (now, self.count)
+            self._rate = (total - self._last[1]) / (now - self._last[0])
+        self._last = (now, total)
         return self._rate

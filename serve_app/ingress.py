@@ -8,10 +8,14 @@ replica without passing through here.
 
 from __future__ import annotations
 
+import time
+
 from fastapi import FastAPI
 from ray import serve
 
 from serve_app import api, request_metrics
+from serve_app.autoscaling import INGRESS_CPU
+from serve_app.batch_stats import RateMeter
 from serve_app.config import AppConfig
 from serve_app.gateway import Gateway, ModelHandles
 from serve_app.metrics import IngressMetrics
@@ -26,12 +30,14 @@ class Ingress:
         self.metrics = IngressMetrics()
         request_metrics.configure(self.metrics, settings.log_requests)
         self.gateway = Gateway(models, settings, self.metrics)
+        self.cpu = RateMeter(total=time.process_time)  # this process's own load
         await self.gateway.warm()
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return api.build_app(self.gateway)
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
-        """Images waiting here for a free call slot (serve_app.autoscaling adds them to the
-        classifiers' load)."""
-        return self.gateway.autoscaling_stats()
+        """Images waiting here for a free call slot and offered per model (serve_app.autoscaling
+        adds them to the classifiers' load), and the CPU this replica spent: the Ingress
+        scales on its own work, not on requests waiting for the models."""
+        return {**self.gateway.autoscaling_stats(), INGRESS_CPU: self.cpu.rate()}

@@ -13,14 +13,16 @@ import queue
 import statistics
 import threading
 import time
-from typing import Any, Callable
+from typing import Callable
 
 import httpx
 import pytest
 
 from load_tests.client import run_load, run_open_loop
 from load_tests.photos import photos_jpeg
-from load_tests.processes import memory_mib, replica_pids
+from load_tests import replica_starts
+from load_tests.processes import cpu_seconds, memory_mib, replica_pids
+from load_tests.refusal_probe import probe_a_503
 from load_tests.sampling import ServeStatusClient, dashboard_url_from_log
 from serve_app import configfile
 from serve_app.compiling import compile_config
@@ -65,6 +67,18 @@ def _scaled_out(svc, deployment: str, load: Callable[[], object],
         load()
 
 
+def _scaling(log_text: str, origin: float, until: float) -> dict[str, dict[str, list[float]]]:
+    """Ray's scaling decisions per deployment between ``origin`` and ``until`` (epoch), in
+    seconds from ``origin``, read from the Serve log afterwards: nothing sampled during the
+    load, whose clock times the refusals."""
+    out = {}
+    for deployment in ("Ingress", "Preprocessor", "Classifier"):
+        parsed = replica_starts.parse(log_text.splitlines(), deployment)
+        out[deployment] = {key: [round(t - origin, 1) for t in parsed[key] if origin <= t <= until]
+                           for key in ("added", "removed")}
+    return out
+
+
 def _normal_latency_ms(url: str, body: bytes, n: int = 10) -> float:
     with httpx.Client(timeout=30) as c:
         times = []
@@ -73,44 +87,6 @@ def _normal_latency_ms(url: str, body: bytes, n: int = 10) -> float:
             assert c.post(url, content=body, headers={"Content-Type": "image/jpeg"}).status_code == 200
             times.append((time.perf_counter() - started) * 1000)
     return statistics.median(times)
-
-
-def _probe_a_503(url: str, body: bytes, results: Any, stop: Any) -> None:
-    """During the overload, one 503 looked at whole: its headers and body, put on ``results``.
-    Eight senders, each on its own (none waits for another's slow 200), so some arrive while
-    the queue is full; a failed send is kept, not fatal (a silent end here once left nothing
-    to look at). In a process of its own, so its parsing never holds the GIL of the load
-    generator, whose clock times the refusals."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    found: dict = {}
-    lock = threading.Lock()
-
-    def sender(_):
-        with httpx.Client(timeout=30) as c:
-            while not stop.is_set() and "status" not in found:
-                try:
-                    r = c.post(url, content=body, headers={"Content-Type": "image/jpeg"})
-                except httpx.HTTPError as exc:
-                    with lock:
-                        found.setdefault("errors", []).append(repr(exc))
-                    continue
-                if r.status_code == 503:
-                    try:
-                        parsed = r.json()
-                    except ValueError:  # Ray's own, from a full proxy queue: not the one
-                        with lock:
-                            found["plain_503"] = found.get("plain_503", 0) + 1
-                        continue
-                    with lock:
-                        if "status" not in found:
-                            found.update(status=503, retry_after=r.headers.get("retry-after"),
-                                         body=parsed, content_type=r.headers.get("content-type"))
-
-    time.sleep(5)  # into the overload
-    with ThreadPoolExecutor(8) as pool:
-        list(pool.map(sender, range(8)))
-    results.put(found)
 
 
 def test_three_times_capacity_sheds_fast_and_recovers(shipped):
@@ -128,14 +104,28 @@ def test_three_times_capacity_sheds_fast_and_recovers(shipped):
     rss_before = memory_mib(pids)
 
     spawn = multiprocessing.get_context("spawn")
-    results, stop = spawn.Queue(), spawn.Event()
-    prober = spawn.Process(target=_probe_a_503, args=(url, bodies[0], results, stop), daemon=True)
+    results, stop, ready = spawn.Queue(), spawn.Event(), spawn.Event()
+    prober = spawn.Process(target=probe_a_503, args=(url, bodies[0], results, stop, ready),
+                           daemon=True)
     prober.start()
-    rss_mid: dict = {}  # halfway: the queues are full and every allocation pattern has run
-    halfway = threading.Timer(OVERLOAD_S / 2, lambda: rss_mid.update(memory_mib(pids)))
-    halfway.start()
+    assert ready.wait(60), "the 503 prober did not start"  # its imports before the overload
+    # RSS every 5 s of the overload; halfway the queues are full and every allocation pattern
+    # has run, so from there it must stay flat.
+    rss_samples: list[dict[int, float]] = []
+    sampling_ended = threading.Event()
+
+    def sample_rss():
+        while not sampling_ended.wait(5):
+            rss_samples.append(memory_mib(pids))
+
+    sampler = threading.Thread(target=sample_rss)
+    sampler.start()
+    overload_started, cpu_before = time.time(), cpu_seconds(pids)
     load = run_open_loop(url, bodies, rate, OVERLOAD_S, max_connections=1024, timeout_s=60)
-    halfway.join()
+    overload_ended, cpu_after = time.time(), cpu_seconds(pids)
+    sampling_ended.set()
+    sampler.join()
+    rss_mid = rss_samples[len(rss_samples) // 2 - 1] if rss_samples else {}
     stop.set()
     try:
         probe = results.get(timeout=60)
@@ -177,12 +167,20 @@ def test_three_times_capacity_sheds_fast_and_recovers(shipped):
     report = {"capacity_rps": capacity["rps"], "classifiers": classifiers,
               "offered_rps": round(rate, 1),
               **load.summary(), "p95_503_by_5s": load.by_window(503),
+              # CPU-s per s of each replica that ran throughout (the Ingress scales on its own)
+              "cpu_per_s": {f"{pids[p]}/{p}": round((cpu_after[p] - cpu_before[p])
+                                                    / (overload_ended - overload_started), 2)
+                            for p in cpu_before if p in cpu_after},
+              "scaling_s": _scaling(shipped.log_path.read_text(), overload_started,
+                                    overload_ended),
               "served_rps": round(served_rate, 1),
               "p99_200_bound_ms": round(wait_bound_ms), "admitted": admitted,
               "normal_ms": round(normal_ms, 1), "recovered_after_s": recovered_s,
               "first_after_ms": first_ms and round(first_ms, 1), "normal_after_ms": round(after_ms, 1),
               "rss_mib": {f"{pids[p]}/{p}": [rss_before.get(p), rss_mid.get(p), rss_after.get(p)]
                           for p in pids},
+              "rss_by_5s": {f"{pids[p]}/{p}": [sample.get(p) for sample in rss_samples]
+                            for p in pids},
               "probe": probe,
               # refused by HAProxy itself, before the ingress (serve_app/haproxy_shedding.py)
               "shed_at_edge": load.error_codes.get("503 overloaded (HAProxy)", 0),

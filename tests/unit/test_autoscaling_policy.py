@@ -267,6 +267,30 @@ def test_app_policy_adds_images_queued_in_the_ingress():
     assert states[DeploymentID("Classifier", APP)]["load"] == 24
 
 
+def test_the_ingress_scales_on_its_own_cpu_not_on_requests_waiting_for_the_models():
+    """An overload of the classifiers fills the Ingress with requests waiting for a call slot
+    (96 ongoing, target 32): Ray's rule adds an Ingress that only takes CPU from the models.
+    Its CPU says whether its event loop needs help."""
+    def ingress(cpu: dict | None, current: int = 1, total: float = 96):
+        return DeploymentID("Ingress", APP), context(
+            "Ingress", total=total, current=current, target_ongoing_requests=32,
+            max_replicas=3, metrics={} if cpu is None else {autoscaling.INGRESS_CPU: cpu})
+
+    def decide(cpu: dict | None, **kw) -> int:
+        dep, ctx = ingress(cpu, **kw)
+        return AppPolicy(ingress_cpu_target=0.7)({dep: ctx})[0][dep]
+
+    assert decide({"i0": 0.35}) == 1  # waiting requests, an idle loop
+    assert decide({"i0": 0.95}) == 2  # its loop is the bottleneck
+    assert decide({"i0": 0.9, "i1": 0.9}, current=2) == 3
+    assert decide({"i0": 0.5, "i1": 0.45}, current=2) == 2  # 0.95 > 0.7 * 0.8: the band holds
+    assert decide({"i0": 0.2, "i1": 0.2}, current=2) == 1
+    assert decide(None) == 3  # before any report: Ray's rule, ceil(96 / 32)
+    assert autoscaling.ingress_replicas(None, 0.7, 1, 1, 2, 0.8) is None
+    with pytest.raises(ValueError, match="ingress_cpu_target"):
+        AppPolicy(ingress_cpu_target=0)
+
+
 # ---- the configs that select it ----
 
 def _app(name: str) -> dict:

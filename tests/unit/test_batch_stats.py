@@ -47,6 +47,18 @@ def test_rate_meter_counts_per_second_between_reads():
     assert meter.rate() == 0.0  # no time passed: the last rate
 
 
+def test_rate_meter_of_a_running_total_gives_cpu_seconds_per_second():
+    """The Ingress's own load: its process's CPU time over wall time between reports."""
+    now, cpu = [0.0], [10.0]
+    meter = RateMeter(lambda: now[0], total=lambda: cpu[0])
+    assert meter.rate() == 0.0
+    now[0], cpu[0] = 2.0, 11.5
+    assert meter.rate() == pytest.approx(0.75)
+    meter.add(100)  # the count plays no part
+    now[0], cpu[0] = 4.0, 11.5
+    assert meter.rate() == 0.0
+
+
 def test_rate_term_sizes_for_demand_no_queue_holds():
     """A fast replica (1333 images/s at a full batch of 32) holds few images, so the queues say
     one replica is plenty at 5000 images/s offered; the rate says 5000 / (1333 * 0.8) = 4.7."""
