@@ -44,11 +44,13 @@ monitor:
 dashboard: install
 	$(BIN)/python -m serve_app dashboard
 
+# The whole suite; the 25 slowest tests are listed at the end of every run.
 test: install
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest --durations=25 $(PYTEST_ARGS)
 
+# The inner loop: no cluster started, under 2 minutes.
 test-unit: install
-	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests/unit --durations=10 $(PYTEST_ARGS)
 
 bench: install
 	$(BIN)/python -m load_tests.bench --config $(CONFIG)

@@ -44,22 +44,57 @@ def free_port() -> int:
     return free_ports(1)[0]
 
 
+# Every port a serve_app process picks for a listener (HTTP, metrics, HAProxy's stats, the
+# fallback proxy, Prometheus) comes from one allocator: a block of ports above the kernel's
+# ephemeral range (32768-60999) and Ray's worker ports (10002-19999), held with a lock file
+# for the life of the process. A port the OS handed out as free (bind to 0) is an ephemeral
+# one that any outgoing connection may take before the listener binds it (the suite's "port
+# taken" failures); a port from this block is taken only by a listener of this process, and
+# no other process on the machine draws from the same block.
+_FREE_BASE, _FREE_SIZE, _FREE_BLOCKS = 61000, 450, 10  # 61000-65499
+
+
+class PortAllocator:
+    """Ports for listeners, handed out in turn from this process's block, each checked to bind
+    at the moment it is picked (one a dead cluster still holds is skipped)."""
+
+    def __init__(self) -> None:
+        self._lock = _LockedBlock("serve_app_free_ports", _FREE_BLOCKS)
+        self.first = _FREE_BASE + self._lock.index * _FREE_SIZE
+        self.pid = os.getpid()  # a forked child takes a block of its own
+        self._next = 0
+
+    def take(self, avoid: tuple[int, ...] = ()) -> int:
+        for _ in range(_FREE_SIZE):
+            port = self.first + self._next % _FREE_SIZE
+            self._next += 1
+            if port not in avoid and _bindable(port):
+                return port
+        raise RuntimeError(f"no free port in {self.first}-{self.first + _FREE_SIZE - 1}")
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+_allocator: Optional[PortAllocator] = None
+
+
 def free_ports(n: int, avoid: tuple[int, ...] = ()) -> list[int]:
-    """``n`` distinct free ports, none in ``avoid``: the sockets stay bound until all are
-    picked, so the OS cannot hand out the same port twice (it can, one call at a time)."""
-    sockets, ports = [], []
-    try:
-        while len(ports) < n:
-            s = socket.socket()
-            sockets.append(s)
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-            if port not in avoid:
-                ports.append(port)
-        return ports
-    finally:
-        for s in sockets:
-            s.close()
+    """``n`` distinct free ports, none in ``avoid``, from this process's block
+    (:class:`PortAllocator`)."""
+    global _allocator
+    if _allocator is None or _allocator.pid != os.getpid():
+        _allocator = PortAllocator()
+    ports: list[int] = []
+    while len(ports) < n:
+        ports.append(_allocator.take(avoid=tuple(avoid) + tuple(ports)))
+    return ports
 
 
 # HAProxy's own listeners, on fixed ports by default: a second cluster on the same machine
@@ -89,13 +124,12 @@ def cluster_env(env: dict[str, str], taken: tuple[int, ...] = ()) -> dict[str, s
 _BLOCK_BASE, _BLOCK_SIZE, _BLOCKS = 20000, 100, 50  # HTTP 20000-24999, gRPC +5000
 
 
-class PortBlock:
-    """An exclusive block of replica ports for one cluster on this machine (a lock file)."""
+class _LockedBlock:
+    """Block ``index`` of ``blocks``, held by this process through an exclusive lock file."""
 
-    def __init__(self) -> None:
-        for k in range(_BLOCKS):
-            fd = os.open(f"{tempfile.gettempdir()}/serve_app_ports_{k}.lock",
-                         os.O_CREAT | os.O_RDWR, 0o600)
+    def __init__(self, name: str, blocks: int) -> None:
+        for k in range(blocks):
+            fd = os.open(f"{tempfile.gettempdir()}/{name}_{k}.lock", os.O_CREAT | os.O_RDWR, 0o600)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
@@ -103,7 +137,20 @@ class PortBlock:
                 continue
             self._fd, self.index = fd, k
             return
-        raise RuntimeError(f"all {_BLOCKS} serve_app port blocks are in use")
+        raise RuntimeError(f"all {blocks} {name} blocks are in use")
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+class PortBlock:
+    """An exclusive block of replica ports for one cluster on this machine (a lock file)."""
+
+    def __init__(self) -> None:
+        self._lock = _LockedBlock("serve_app_ports", _BLOCKS)
+        self.index = self._lock.index
 
     def env(self) -> dict[str, str]:
         http = _BLOCK_BASE + self.index * _BLOCK_SIZE
@@ -114,9 +161,7 @@ class PortBlock:
                 "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(grpc + _BLOCK_SIZE - 1)}
 
     def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        self._lock.release()
 
 
 def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:

@@ -191,6 +191,26 @@ def test_free_ports_are_distinct_and_avoid_the_taken_ones():
     assert len(chosen) == 4 and not chosen & set(taken)
 
 
+def test_listener_ports_come_from_a_block_of_this_process_outside_the_ephemeral_range():
+    """A port the OS calls free is an ephemeral one any outgoing connection can take before
+    the listener binds it; the allocator's are not, and a second process gets another block."""
+    import subprocess
+    import sys
+
+    from serve_app.launch import free_ports
+
+    ours = free_ports(5)
+    assert all(61000 <= p < 65500 for p in ours), ours
+    other = subprocess.run([sys.executable, "-c", "from serve_app.launch import free_ports; "
+                            "print(*free_ports(5))"], capture_output=True, text=True, check=True)
+    theirs = [int(p) for p in other.stdout.split()]
+    assert len(theirs) == 5 and not set(theirs) & set(ours), (ours, theirs)
+    import socket
+    with socket.socket() as held:  # a port something listens on is skipped
+        held.bind(("127.0.0.1", ours[-1] + 1))
+        assert ours[-1] + 1 not in free_ports(3)
+
+
 def test_each_cluster_gets_its_own_block_of_replica_ports():
     """Two clusters on one machine must not hand their ingress replicas the same port."""
     from serve_app.launch import PortBlock
@@ -204,7 +224,7 @@ def test_each_cluster_gets_its_own_block_of_replica_ports():
         rb = range(int(eb["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"]),
                    int(eb["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"]) + 1)
         assert not set(ra) & set(rb) and len(ra) == 100
-        assert max(ra) < 32768  # below the kernel's ephemeral range (free_port's)
+        assert max(ra) < 32768  # below the kernel's ephemeral range
         index = a.index
     finally:
         a.release()

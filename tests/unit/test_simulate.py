@@ -313,8 +313,10 @@ def test_a_longer_decision_period_calls_the_policy_less_and_changes_little():
 
 
 @pytest.mark.slow
-def test_fleet_mode_simulates_a_day_at_5000_per_second():
-    """A day of diurnal traffic, 100 -> 5000 -> 100 requests/s (432 M requests at peak rate)."""
+def test_fleet_mode_simulates_a_diurnal_climb_to_5000_per_second():
+    """Two hours of the diurnal shape, 100 -> 5000 -> 100 requests/s, in fleet mode. (A whole
+    day takes about 45 s here: a figure of `python -m load_tests.simulate`, docs/autoscaling.md,
+    not a unit test's.)"""
     cfg = config({"max_replicas": 100}, batch=32, max_ongoing=64,
                  dispatch={"max_in_flight": 256},
                  app_policy={"policy_function": "serve_app.autoscaling:AppPolicy",
@@ -325,11 +327,11 @@ def test_fleet_mode_simulates_a_day_at_5000_per_second():
     s = settings(cfg, profile=load_profile("8+0.5n"), start_s=30, preprocess_ms=10.0,
                  gpu_fraction=0.25, decision_period_s=1.0)
     started = time.perf_counter()
-    out = simulate(s, "sine", 86_400, closed=False, base=100, peak=5000, mode="fleet",
+    out = simulate(s, "sine", 7_200, closed=False, base=100, peak=5000, mode="fleet",
                    settle_s=0)
     took = time.perf_counter() - started
-    assert took < 600, took  # generous: measured times are in the report
-    assert out.summary["requests"] == pytest.approx(86_400 * 2550, rel=0.01)
+    assert took < 240, took  # a hang, not a speed: measured times are in the report
+    assert out.summary["requests"] == pytest.approx(7_200 * 2550, rel=0.01)
     assert out.summary["max_replicas_seen"]["Classifier"] >= 4
     assert not math.isnan(out.summary["gpu_hours"])
 
