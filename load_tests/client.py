@@ -72,8 +72,8 @@ class HTTPError(Exception):
     """A response the client could not parse, or a connection that broke mid-request."""
 
 
-async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes, bool]:
-    """(status, body, keep_alive) of one HTTP/1.1 response."""
+async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes, bool, dict]:
+    """(status, body, keep_alive, headers) of one HTTP/1.1 response (header names lowered)."""
     head = await reader.readuntil(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
     parts = lines[0].split(" ", 2)
@@ -99,9 +99,9 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes, bool
         body = b"".join(chunks)
     else:
         body = await reader.read()
-        return status, body, False
+        return status, body, False, headers
     keep_alive = headers.get("connection", "").lower() != "close"
-    return status, body, keep_alive
+    return status, body, keep_alive, headers
 
 
 class _Connection:
@@ -110,20 +110,20 @@ class _Connection:
         self.reader: Optional[asyncio.StreamReader] = None
         self.writer: Optional[asyncio.StreamWriter] = None
 
-    async def request(self, head: bytes, body: bytes) -> tuple[int, bytes]:
+    async def request(self, head: bytes, body: bytes) -> tuple[int, bytes, dict]:
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
         try:
             self.writer.write(head)
             self.writer.write(body)
             await self.writer.drain()
-            status, payload, keep_alive = await _read_response(self.reader)
+            status, payload, keep_alive, headers = await _read_response(self.reader)
         except BaseException:
             self.close()
             raise
         if not keep_alive:
             self.close()
-        return status, payload
+        return status, payload, headers
 
     def close(self) -> None:
         if self.writer is not None:
@@ -190,7 +190,7 @@ async def closed_loop(url: str, bodies: Sequence[bytes], concurrency: int, durat
                 j = i % len(bodies)
                 i += concurrency
                 try:
-                    status, payload = await asyncio.wait_for(conn.request(heads[j], bodies[j]),
+                    status, payload, _ = await asyncio.wait_for(conn.request(heads[j], bodies[j]),
                                                              timeout_s)
                     err = "" if status == 200 else f"HTTP {status}: {payload[:200]!r}"
                 except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError,
@@ -251,6 +251,10 @@ class OpenLoopResult:
     answers: list[tuple[float, int, float]] = field(default_factory=list)
     #: "503 overloaded": how many answers of each status carried each JSON error code.
     error_codes: dict[str, int] = field(default_factory=dict)
+    #: The first answer of each of those keys, looked at whole: Retry-After, Content-Type, body.
+    examples: dict[str, dict] = field(default_factory=dict)
+    #: How many answers of each key came without a Retry-After.
+    without_retry_after: dict[str, int] = field(default_factory=dict)
 
     def count(self, status: int) -> int:
         return len(self.latencies_by_status.get(status, []))
@@ -270,7 +274,8 @@ class OpenLoopResult:
     def summary(self) -> dict:
         out = {"rate": self.rate, "duration_s": self.duration_s, "sent": self.sent,
                "transport_errors": self.transport_errors, "dropped": self.dropped,
-               "error_codes": dict(self.error_codes)}
+               "error_codes": dict(self.error_codes), "examples": dict(self.examples),
+               "without_retry_after": dict(self.without_retry_after)}
         for status in sorted(self.latencies_by_status):
             out[str(status)] = {"count": self.count(status),
                                 "p50_ms": round(self.percentile_ms(status, 50), 1),
@@ -301,8 +306,8 @@ async def open_loop(url: str, bodies: Sequence[bytes], rate: float, duration_s: 
         busy += 1
         start = time.perf_counter()
         try:
-            status, payload = await asyncio.wait_for(conn.request(heads[j], bodies[j]),
-                                                     timeout_s)
+            status, payload, headers = await asyncio.wait_for(
+                conn.request(heads[j], bodies[j]), timeout_s)
         except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError,
                 asyncio.LimitOverrunError, HTTPError, ValueError) as exc:
             conn.close()
@@ -315,6 +320,12 @@ async def open_loop(url: str, bodies: Sequence[bytes], rate: float, duration_s: 
             if status != 200:
                 key = error_key(status, payload)
                 result.error_codes[key] = result.error_codes.get(key, 0) + 1
+                result.examples.setdefault(key, {
+                    "retry_after": headers.get("retry-after"),
+                    "content_type": headers.get("content-type"),
+                    "body": payload[:2000].decode("utf-8", "replace")})
+                if "retry-after" not in headers:
+                    result.without_retry_after[key] = result.without_retry_after.get(key, 0) + 1
             idle.append(conn)
         finally:
             busy -= 1

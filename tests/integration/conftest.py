@@ -12,8 +12,9 @@ same cluster (one cluster start instead of three):
   with its latency profile and with a profile of 0 ms, whose difference is the service time
   (tests/integration/test_simulated.py).
 
-The cluster gets 3 logical CPUs for the applications' small shares: room for "/multi" to add a
-classifier replica, none for the default application's Classifier (0.8) to scale.
+The cluster gets 5 logical CPUs for the applications' small shares: room for "/multi" to add a
+classifier replica, and for the default application's Classifier (0.8) to scale to 2 and
+surge during a redeploy (tests/integration/test_redeploy.py).
 
 Every application logs a line per request and stage (``args.log_requests``), "/exact" in
 Ray's JSON encoding: tests/integration/test_monitoring.py follows request ids through both.
@@ -26,6 +27,7 @@ import httpx
 import pytest
 
 from serve_app import configfile, topology
+from serve_app.fault_injection import WEDGE_ENV
 from serve_app.launch import ServeProcess
 from tests.conftest import CONFIGS
 
@@ -93,8 +95,16 @@ def _add_test_apps(config: dict) -> None:
 
 
 @pytest.fixture(scope="package")
-def service():
-    svc = ServeProcess(CONFIGS / "local.yaml", edit=_add_test_apps, num_cpus=3)
+def service(tmp_path_factory):
+    """The shared cluster. Its serve_app application is also the one the fault, overload and
+    redeploy tests break and change (they run last, below): ``SERVE_APP_WEDGE_FILE`` lets a
+    test wedge a classifier, and 5 logical CPUs leave room for its Classifier's second replica
+    and a redeploy's surge beside the test applications (physically still this machine's
+    cores: the shares are for Ray's placement)."""
+    wedge_file = tmp_path_factory.mktemp("faults") / "wedge"
+    svc = ServeProcess(CONFIGS / "local.yaml", edit=_add_test_apps, num_cpus=5,
+                       env={WEDGE_ENV: str(wedge_file)})
+    svc.wedge_file = wedge_file
     with svc:
         for app in svc.config["applications"][1:]:
             svc.wait_ready(f"{app['route_prefix']}/readyz", timeout_s=180)
@@ -107,10 +117,31 @@ def client(service):
         yield c
 
 
-#: Tests that time a cluster of their own against the CPU: run before the shared cluster above
-#: starts (it stays up for the whole package and would share the cores with them).
-RUN_FIRST = ("test_overload.py", "test_multinode.py")
+#: Modules that start clusters of their own: they run before the shared cluster starts (it
+#: stays up until the package ends and would share the cores with them).
+RUN_FIRST = ("test_multinode.py", "test_autoscaler.py", "test_autoscaling.py",
+             "test_gpu_allocation.py", "test_readiness.py", "test_bench_smoke.py",
+             "test_hops_smoke.py", "test_stale_haproxy.py",
+             "test_haproxy_rules.py")
+#: Modules that break or change the shared service: after every test that only uses it, the
+#: redeploys (which leave another config deployed) last.
+RUN_LAST = ("test_faults.py", "test_overload.py", "test_redeploy.py")
+
+
+#: Fixtures of a cluster of its own, in a module that otherwise uses the shared one.
+OWN_CLUSTER_FIXTURES = ("rays_proxy",)
+
+
+def _order(item) -> tuple[int, int]:
+    name = item.path.name
+    if name in RUN_FIRST:
+        return (0, RUN_FIRST.index(name))
+    if any(f in getattr(item, "fixturenames", ()) for f in OWN_CLUSTER_FIXTURES):
+        return (0, len(RUN_FIRST))
+    if name in RUN_LAST:
+        return (2, RUN_LAST.index(name))
+    return (1, 0)
 
 
 def pytest_collection_modifyitems(session, config, items):
-    items.sort(key=lambda item: item.path.name not in RUN_FIRST)  # stable: order kept otherwise
+    items.sort(key=_order)  # stable: the order within a module is kept

@@ -1,11 +1,15 @@
 """A real step load on configs/autoscale-demo.yaml: the classifier scales 1 -> >=2 -> 1 and no
-request fails, scale-down included (Ray issue #43034). One experiment run (about 3 minutes on
-2 cores) feeds every test here; the experiment stops Serve and Locust even when it fails.
+request fails, scale-down included (Ray issue #43034). One short experiment run (about 1.5
+minutes on 2 cores, its cluster start included) feeds every test here; the experiment stops
+Serve and Locust even when it fails. Its figures (how soon, how far) are the experiment's
+own, at length: ``python -m load_tests.autoscale_experiment`` (load_tests/RESULTS.md).
 
 The run halves the policy's ``latency_target_s`` (0.5 -> 0.25 s): whether 32 users need a
 second replica depends on how fast the machine is, and a test must not. One replica here
 clears ~30 images/s, so its capacity becomes ~8 images (one batch) against a load of ~30:
-a scale-up on any machine up to ~4x faster per core. At 1.0 s the project's CI never scaled."""
+a scale-up on any machine up to ~4x faster per core. At 1.0 s the project's CI never scaled.
+The Classifier's ``downscale_delay_s`` is 8 s here (15 s shipped), so that its scale-down comes
+while the last users still send (the drain is what is under test), in a 60 s run."""
 
 from __future__ import annotations
 
@@ -23,19 +27,27 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs" / "autoscale-demo.yaml"
+DOWNSCALE_DELAY_S = 8
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("autoscale")
+def config() -> dict:
     config = yaml.safe_load(CONFIG.read_text())
-    kwargs = config["applications"][0]["autoscaling_policy"]["policy_kwargs"]
-    kwargs["latency_target_s"] /= 2
+    app = config["applications"][0]
+    app["autoscaling_policy"]["policy_kwargs"]["latency_target_s"] /= 2
+    deployment_options(app, "Classifier")["autoscaling_config"]["downscale_delay_s"] = \
+        DOWNSCALE_DELAY_S
+    return config
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, config) -> Path:
+    out = tmp_path_factory.mktemp("autoscale")
     config_path = tmp_path_factory.mktemp("config") / CONFIG.name
     config_path.write_text(yaml.safe_dump(config))
-    # 100 s: 15 s at 2 users, 50 s at 32, 35 s back at 2 (scale-down happens under load).
+    # 60 s: 9 s at 2 users, 30 s at 32, 21 s back at 2 (scale-down happens under load).
     args = autoscale_experiment.parse_args([
-        "--config", str(config_path), "--shape", "step", "--duration", "100", "--base-users", "2",
+        "--config", str(config_path), "--shape", "step", "--duration", "60", "--base-users", "2",
         "--peak-users", "32", "--settle", "60", "--out", str(out)])
     autoscale_experiment.run(args)
     return out
@@ -71,19 +83,18 @@ def test_no_request_fails_even_during_scale_down(summary):
     assert summary["requests_while_stopping"] > 0
 
 
-def test_new_replicas_load_the_compiled_model_and_serve_soon(summary):
-    """Decision to first batch for every classifier added under load. The bound is generous
-    (CI machines differ 2x; the measured figure is ~10 s here, load_tests/RESULTS.md): it
-    catches a start that compiles or waits for something, not a slow machine."""
+def test_new_replicas_load_the_compiled_model_and_serve(summary):
+    """Every classifier added under load loaded the compiled artifact (no compile in its
+    start) and served a batch. How soon is the experiment's figure (~10 s here)."""
     starts = summary["classifier_starts"]
     assert starts, "no classifier replica was added under load"
     assert all(s.get("mode") == "compiled" for s in starts), starts
-    assert all(s["to_serving_s"] < 45 for s in starts), starts
+    assert all(s["to_serving_s"] is not None for s in starts), starts
 
 
-def test_no_replica_is_removed_sooner_than_the_downscale_delay_after_it_served(summary):
-    app = yaml.safe_load(CONFIG.read_text())["applications"][0]
-    delay = deployment_options(app, "Classifier")["autoscaling_config"]["downscale_delay_s"]
+def test_no_replica_is_removed_sooner_than_the_downscale_delay_after_it_served(config, summary):
+    delay = deployment_options(config["applications"][0],
+                               "Classifier")["autoscaling_config"]["downscale_delay_s"]
     removed = summary["removed_after_serving_s"]
     assert removed, "no classifier replica was removed"
     # Measured from the replica's first batch, which follows its readiness by a moment.

@@ -12,7 +12,7 @@ import pytest
 from load_tests import bench
 from tests.conftest import CONFIGS, ROOT, processes_with
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(420)]
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def _serve_processes() -> set[int]:
@@ -26,7 +26,7 @@ def test_bench_smoke(tmp_path):
            "--model", "resnet18", "--duration", "3", "--warmup", "1", "--concurrency", "1,4",
            "--batch-sizes", "1,4", "--raw-seconds", "0.5", "--naive", "--json", str(out),
            "--set", "Classifier.autoscaling_config=null", "--set", "Classifier.num_replicas=1"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     result = json.loads(out.read_text())

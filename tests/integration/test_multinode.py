@@ -26,7 +26,7 @@ from serve_app import placement
 from serve_app.launch import (RAY_CLUSTER_ENV, PortBlock, cluster_env, free_ports, http_get,
                               prepare_config)
 from tests.conftest import CONFIGS, encode
-from tests.integration.closed_loop import Load, summary
+from load_tests.closed_loop import Load, summary
 from tests.integration.polling import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -149,13 +149,13 @@ def test_a_dead_gpu_node_moves_its_classifiers_to_the_other_while_requests_go_on
     times: dict[str, float] = {}
 
     def kill_and_wait():
-        time.sleep(5)
+        time.sleep(2)
         times["killed"] = time.monotonic()
         c.remove_node(victim, allow_graceful=False)
         wait_for(lambda: sum(r["node_id"] == survivor for r in _replicas().get("Classifier", []))
               == CLASSIFIERS, 240, "every classifier on the surviving GPU node")
         times["moved"] = time.monotonic()
-        time.sleep(5)  # load on the survivor alone
+        time.sleep(2)  # load on the survivor alone
 
     load.run(0, during=kill_and_wait)
     report = summary(load.answers, times["killed"])
@@ -167,7 +167,8 @@ def test_a_dead_gpu_node_moves_its_classifiers_to_the_other_while_requests_go_on
         with open(os.path.join(out, "multinode_gpu_node_kill.json"), "w") as f:
             json.dump(report, f, indent=2)
     during = [a for a in load.answers if times["killed"] <= a.started <= times["moved"]]
-    assert any(a.status == 200 for a in during), "nothing was served during the move"
+    if moved < CLASSIFIERS:  # the survivor had classifiers of its own: they served meanwhile
+        assert any(a.status == 200 for a in during), "nothing was served during the move"
     assert not report["dropped"], report  # every failure was an HTTP answer, never a hang
     assert all(a.json_body for a in load.answers if a.status != 200), report
     after = [a for a in load.answers if a.started > times["moved"]]

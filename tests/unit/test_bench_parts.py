@@ -37,10 +37,12 @@ def _parse(raw: bytes):
 
 
 def test_http_response_parsing_content_length_and_chunked():
-    assert _parse(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}") == (200, b"{}", True)
+    assert _parse(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")[:3] == (200, b"{}", True)
+    assert _parse(b"HTTP/1.1 503 No\r\nRetry-After: 1\r\ncontent-length: 0\r\n\r\n")[3] == {
+        "retry-after": "1", "content-length": "0"}
     chunked = (b"HTTP/1.1 413 Payload Too Large\r\nTransfer-Encoding: chunked\r\n"
                b"Connection: close\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n")
-    assert _parse(chunked) == (413, b"abcde", False)
+    assert _parse(chunked)[:3] == (413, b"abcde", False)
 
 
 def test_overrides_edit_deployments_args_and_top_level():
@@ -192,8 +194,9 @@ def test_multi_model_table_and_load_cost():
 
 
 def test_open_loop_keeps_its_rate_when_the_server_sheds():
-    """A stub server that answers every other request 503 at once and the rest after 50 ms:
-    arrivals keep their pace, every answer is counted by status with its latency."""
+    """A stub server that answers every other request 503 at once and the rest after 300 ms:
+    arrivals keep their pace, every answer is counted by status with its latency. (The
+    margins are wide: a busy 2-core machine delays the stub's answers too.)"""
     import asyncio
 
     from load_tests.client import open_loop
@@ -211,11 +214,14 @@ def test_open_loop_keeps_its_rate_when_the_server_sheds():
                     count += 1
                     shed = count % 2 == 0
                     if not shed:
-                        await asyncio.sleep(0.05)
+                        await asyncio.sleep(0.3)
                     body = (b'{"error":{"code":"overloaded"},"request_id":"r"}' if shed
                             else b'{"ok":1}')
                     status = b"503 Service Unavailable" if shed else b"200 OK"
-                    writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Length: "
+                    # every other refusal says when to retry
+                    extra = b"Retry-After: 1\r\nContent-Type: application/json\r\n" \
+                        if count % 4 == 0 else b""
+                    writer.write(b"HTTP/1.1 " + status + b"\r\n" + extra + b"Content-Length: "
                                  + str(len(body)).encode() + b"\r\n\r\n" + body)
                     await writer.drain()
             except (asyncio.IncompleteReadError, ConnectionError):
@@ -233,14 +239,18 @@ def test_open_loop_keeps_its_rate_when_the_server_sheds():
     result, elapsed = asyncio.run(scenario())
     assert result.sent == 100 and result.dropped == 0 and result.transport_errors == 0
     assert result.count(200) == 50 and result.count(503) == 50
-    assert result.percentile_ms(503, 95) < 40 <= result.percentile_ms(200, 50)
-    assert elapsed < 1.5  # arrivals did not wait for the slow answers
+    assert result.percentile_ms(503, 95) < 250 <= result.percentile_ms(200, 50)
+    assert elapsed < 3.0  # arrivals did not wait for the slow answers (50 x 0.3 s)
     assert result.summary()["503"]["count"] == 50
     # Each answer with its send time: the second half of the run is its own window.
     assert len(result.answers) == 100 and all(0 <= t < 1.0 for t, _, _ in result.answers)
     windows = result.by_window(200, window_s=0.5, q=50)
-    assert list(windows) == ["0-0.5", "0.5-1"] and min(windows.values()) >= 40
+    assert list(windows) == ["0-0.5", "0.5-1"] and min(windows.values()) >= 250
     assert result.summary()["error_codes"] == {"503 overloaded": 50}
+    # The first refusal looked at whole, and the refusals that did not say when to retry.
+    first = result.examples["503 overloaded"]
+    assert first["retry_after"] is None and first["body"].startswith('{"error"')
+    assert result.without_retry_after == {"503 overloaded": 25}
 
 
 def test_error_code_reads_serve_apps_error_body_or_says_none():
