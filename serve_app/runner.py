@@ -15,6 +15,10 @@ own 502/503/504 reach clients as JSON with their status, not Ray's plain 500
 (serve_app/haproxy_errors.py), a request a dying ingress dropped is sent again
 (serve_app/haproxy_replay.py), and past capacity HAProxy refuses what the ingress would
 (serve_app/haproxy_shedding.py).
+
+Before it starts its own cluster it stops an orphaned HAProxy of an earlier run that still
+holds the HTTP port or HAProxy's ports (a run killed outright), and refuses to start, naming
+the port and the PID, when anything else holds them (serve_app/stale_haproxy.py).
 """
 
 from __future__ import annotations
@@ -74,9 +78,15 @@ def main(argv: list[str] | None = None) -> int:
 
     address = os.environ.get("RAY_ADDRESS")
     if starts_own_cluster(address):
-        from serve_app import configfile
+        from serve_app import configfile, stale_haproxy
 
-        configure_haproxy(os.environ, configfile.load(args.config))
+        config = configfile.load(args.config)
+        configure_haproxy(os.environ, config)
+        try:  # a stale HAProxy of an earlier run still on our ports (serve_app/stale_haproxy.py)
+            stale_haproxy.clear_ports(stale_haproxy.service_ports(config, os.environ))
+        except stale_haproxy.PortTaken as exc:
+            print(exc, file=sys.stderr, flush=True)
+            return 1
         kwargs = {"_temp_dir": args.ray_temp_dir} if args.ray_temp_dir else {}
         if args.num_cpus is not None:
             kwargs["num_cpus"] = args.num_cpus
