@@ -8,9 +8,8 @@ same cluster (one cluster start instead of three):
   SERVE_APP_TEST_MOBILENET_V2_WEIGHTS (added only when that variable is set);
 - "/multi": configs/multi-model.yaml (EfficientNet-Lite0 and -Lite2, real weights), eager and
   small, its classifiers still autoscaling (tests/integration/test_multi_model.py);
-- "/sim" and "/sim0": configs/autoscale-sim.yaml's simulated accelerator, one replica each,
-  with its latency profile and with a profile of 0 ms, whose difference is the service time
-  (tests/integration/test_simulated.py).
+- "/sim": configs/autoscale-sim.yaml's simulated accelerator, one replica each, with its
+  latency profile (tests/integration/test_simulated.py).
 
 The cluster gets 5 logical CPUs for the applications' small shares: room for "/multi" to add a
 classifier replica, and for the default application's Classifier (0.8) to scale to 2 and
@@ -22,6 +21,7 @@ Ray's JSON encoding: tests/integration/test_monitoring.py follows request ids th
 
 import copy
 import os
+from pathlib import Path
 
 import httpx
 import pytest
@@ -62,6 +62,11 @@ def _multi_model_app() -> dict:
     return app
 
 
+#: How often the shared cluster's processes report metrics (Ray's ``metrics_report_interval_ms``,
+#: 10 s by default): test_monitoring waits for two reports to agree before it reads a total.
+METRICS_REPORT_MS = 2000
+
+
 #: The profile "/sim" serves (configs/autoscale-sim.yaml's, with a short start).
 SIM_PROFILE = {"base_ms": 200, "per_image_ms": 40, "start_s": 1, "crop_size": 64}
 
@@ -90,8 +95,6 @@ def _add_test_apps(config: dict) -> None:
             base, "mobilenet", {"name": "mobilenet_v2", "weights_path": f"${MOBILENET_ENV}"}))
     config["applications"].append(_multi_model_app())
     config["applications"].append(_simulated_app("sim", SIM_PROFILE))
-    config["applications"].append(_simulated_app(
-        "sim0", {**SIM_PROFILE, "base_ms": 0, "per_image_ms": 0}))
 
 
 @pytest.fixture(scope="package")
@@ -103,7 +106,8 @@ def service(tmp_path_factory):
     cores: the shares are for Ray's placement)."""
     wedge_file = tmp_path_factory.mktemp("faults") / "wedge"
     svc = ServeProcess(CONFIGS / "local.yaml", edit=_add_test_apps, num_cpus=5,
-                       env={WEDGE_ENV: str(wedge_file)})
+                       env={WEDGE_ENV: str(wedge_file),
+                            "RAY_metrics_report_interval_ms": str(METRICS_REPORT_MS)})
     svc.wedge_file = wedge_file
     with svc:
         for app in svc.config["applications"][1:]:
@@ -120,7 +124,7 @@ def client(service):
 #: Modules that start clusters of their own: they run before the shared cluster starts (it
 #: stays up until the package ends and would share the cores with them).
 RUN_FIRST = ("test_multinode.py", "test_autoscaler.py", "test_autoscaling.py",
-             "test_gpu_allocation.py", "test_readiness.py", "test_bench_smoke.py",
+             "test_readiness.py", "test_bench_smoke.py",
              "test_hops_smoke.py", "test_stale_haproxy.py",
              "test_haproxy_rules.py")
 #: Modules that break or change the shared service: after every test that only uses it, the
@@ -143,5 +147,23 @@ def _order(item) -> tuple[int, int]:
     return (1, 0)
 
 
+def cluster_group(item) -> str:
+    """The cluster an integration test runs on: "shared", or its module's (or fixture's) own.
+    Under ``pytest -n`` (pytest-xdist, ``--dist loadgroup``: ``make test``) a group's tests run
+    in one worker, in this order, so the shared cluster starts once and the tests that break
+    it still run last; groups run side by side."""
+    if item.path.name in RUN_LAST or "service" in getattr(item, "fixturenames", ()):
+        return "shared"
+    own = [f for f in OWN_CLUSTER_FIXTURES if f in getattr(item, "fixturenames", ())]
+    return f"own:{own[0] if own else item.path.name}"
+
+
 def pytest_collection_modifyitems(session, config, items):
-    items.sort(key=_order)  # stable: the order within a module is kept
+    here = Path(__file__).parent
+    ours = [item for item in items if here in item.path.parents]
+    for item in ours:
+        item.add_marker(pytest.mark.xdist_group(cluster_group(item)))
+    # stable: the order within a module is kept, and tests outside this folder keep theirs
+    ours.sort(key=_order)
+    others = [item for item in items if here not in item.path.parents]
+    items[:] = others + ours

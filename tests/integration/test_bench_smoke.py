@@ -25,7 +25,8 @@ def test_bench_smoke(tmp_path):
     cmd = [sys.executable, "-m", "load_tests.bench", "--config", str(CONFIGS / "local.yaml"),
            "--model", "resnet18", "--duration", "3", "--warmup", "1", "--concurrency", "1,4",
            "--batch-sizes", "1,4", "--raw-seconds", "0.5", "--naive", "--json", str(out),
-           "--set", "Classifier.autoscaling_config=null", "--set", "Classifier.num_replicas=1"]
+           "--set", "Classifier.autoscaling_config=null", "--set", "Classifier.num_replicas=1",
+           "--set", "args.model.compile=false"]  # eager: a compile is not what is smoked
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 

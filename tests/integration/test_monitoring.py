@@ -22,6 +22,7 @@ import torch
 from serve_app import dashboard
 from serve_app.launch import ServeProcess
 from tests.conftest import CONFIGS, encode
+from tests.integration.conftest import METRICS_REPORT_MS
 from load_tests import prometheus
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -52,6 +53,11 @@ SERIES = {
 }
 
 
+#: Two readings this far apart bracket one of Ray's metric reports (the test cluster reports
+#: every METRICS_REPORT_MS; Ray's default is 10 s) and one Prometheus scrape (1 s).
+SETTLE_S = 1.5 * METRICS_REPORT_MS / 1000 + 1
+
+
 def serve_logs(svc: ServeProcess, app: str, deployment: str) -> list[Path]:
     return sorted((svc.ray_dir / "session_latest" / "logs" / "serve").glob(
         f"replica_{app}_{deployment}_*.log"))
@@ -68,12 +74,13 @@ def totals(prom: prometheus.Prometheus) -> dict[str, float]:
 
 def settled(prom: prometheus.Prometheus, timeout_s: float = 90.0,
             until=lambda values: True) -> dict[str, float]:
-    """The totals once ``until`` holds and two readings 12 s apart agree (Ray's exporter
-    reports every few seconds, so a reading can trail the traffic)."""
+    """The totals once ``until`` holds and two readings agree that are further apart than
+    Ray's exporter reports (every 2 s in the test cluster, ``METRICS_REPORT_MS``: a reading can
+    trail the traffic by one report)."""
     deadline = time.monotonic() + timeout_s
     last = totals(prom)
     while time.monotonic() < deadline:
-        time.sleep(12)
+        time.sleep(SETTLE_S)
         now = totals(prom)
         if now == last and until(now):
             return now

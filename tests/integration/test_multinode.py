@@ -5,11 +5,14 @@ two nodes that declare one GPU each (Ray schedules on logical resources; the cla
 on the CPU), every node labelled as its KubeRay group is (``serve-app/pool``). HAProxy on
 every node, each on its own ports (``RAY_SERVE_WORKER_PROXY_HTTP_PORT``). Proven here: every
 replica lands where its label_selector says, every node's proxy serves, and a GPU node that
-dies has its classifiers rescheduled on the other while requests go on.
+dies has its classifiers rescheduled on the other while requests go on; and the survivor's one
+GPU then holds four 0.25-GPU classifiers, and a fifth waits for a share (Ray schedules on
+logical resources: a node that declares a GPU has one to hand out, CUDA or not).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import time
@@ -33,6 +36,11 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 POOL = placement.POOL_LABEL
 CLASSIFIERS = 4  # one GPU node's worth at 0.25 GPU each: all fit the survivor after a kill
+#: The GCS declares a silent node dead after 3 missed health checks 1 s apart (Ray's default:
+#: 5 missed, 3 s apart, after 5 s; about 15-25 s before anything is rescheduled). What is
+#: under test is what Serve does once the node is gone, not how long Ray takes to notice.
+FAST_NODE_DEATH = {"health_check_initial_delay_ms": 1000, "health_check_period_ms": 1000,
+                   "health_check_timeout_ms": 1000, "health_check_failure_threshold": 3}
 
 
 def _small(config: dict) -> None:
@@ -65,7 +73,8 @@ def cluster():
     c = None
     try:
         c = Cluster(initialize_head=True, head_node_args=dict(
-            num_cpus=0, labels={POOL: "head"}, env_vars=cluster_env(dict(base))))
+            num_cpus=0, labels={POOL: "head"}, env_vars=cluster_env(dict(base)),
+            _system_config=FAST_NODE_DEATH))
         nodes["head"] = (c.head_node, head_port)
         for name, port, kwargs in (("cpu", worker_ports[0], dict(num_cpus=2)),
                                    ("gpu-a", worker_ports[1], dict(num_cpus=4, num_gpus=1)),
@@ -91,6 +100,8 @@ def cluster():
                 pass
             ray.shutdown()
         if c is not None:
+            for node in list(c.worker_nodes):  # no grace: nothing runs there any more, and
+                c.remove_node(node, allow_graceful=False)  # a graceful stop took ~30 s
             c.shutdown()
         ports.release()
 
@@ -173,3 +184,28 @@ def test_a_dead_gpu_node_moves_its_classifiers_to_the_other_while_requests_go_on
     assert all(a.json_body for a in load.answers if a.status != 200), report
     after = [a for a in load.answers if a.started > times["moved"]]
     assert after and all(a.status == 200 for a in after), report
+
+
+def test_four_quarter_gpu_classifiers_fill_the_survivors_gpu_and_a_fifth_waits(cluster):
+    """After the kill above: one GPU node left, four classifiers on it. A fifth, asked for with
+    the classifier's ray_actor_options exactly as gpu.yaml writes them, stays STARTING."""
+    _, nodes, config = cluster
+    classifier = next(d for d in config["applications"][0]["deployments"]
+                      if d["name"] == "Classifier")
+    assert classifier["ray_actor_options"]["num_gpus"] == 0.25
+    assert ray.cluster_resources()["GPU"] == 1 and ray.available_resources().get("GPU", 0) == 0
+    five = copy.deepcopy(config)
+    next(d for d in five["applications"][0]["deployments"]
+         if d["name"] == "Classifier")["num_replicas"] = CLASSIFIERS + 1
+    serve.context._get_global_client().deploy_apps(ServeDeploySchema.model_validate(five),
+                                                   _blocking=False)
+
+    def states() -> dict:
+        status = serve.status().applications.get("serve_app")
+        replicas = status.deployments["Classifier"].replica_states if status else {}
+        return {str(getattr(k, "value", k)): v for k, v in replicas.items()}
+    wait_for(lambda: sum(states().values()) == CLASSIFIERS + 1, 60, "a fifth classifier asked for")
+    time.sleep(3)  # the fifth has had time to start, if it could
+    now = states()
+    assert now.get("RUNNING") == CLASSIFIERS and now.get("STARTING") == 1, now
+    assert ray.available_resources().get("GPU", 0) == 0

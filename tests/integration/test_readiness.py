@@ -12,12 +12,12 @@ pytestmark = pytest.mark.integration
 
 
 def _slow_to_warm(config: dict) -> None:
-    # resnet18 (random weights) with 150 warm-up passes at batch sizes 1 and 8 takes ~25 s on
-    # one thread here: long enough to see the ingress up and the classifier not yet ready, also
-    # with HAProxy, which routes to the ingress only a few seconds after it is up.
+    # resnet18 (random weights) with 100 warm-up passes at batch sizes 1 and 8 takes ~17 s on
+    # one thread here (150: ~25 s): long enough to see the ingress up and the classifier not
+    # yet ready, also with HAProxy, which routes to the ingress a few seconds after it is up.
     args = config["applications"][0]["args"]
     args["model"] = {"name": "resnet18", "weights": None}
-    args["warmup_iterations"] = 150
+    args["warmup_iterations"] = 100
     args["readiness_timeout_s"] = 0.5
 
 
