@@ -18,7 +18,10 @@ own 502/503/504 reach clients as JSON with their status, not Ray's plain 500
 
 Before it starts its own cluster it stops an orphaned HAProxy of an earlier run that still
 holds the HTTP port or HAProxy's ports (a run killed outright), and refuses to start, naming
-the port and the PID, when anything else holds them (serve_app/stale_haproxy.py).
+the port and the PID, when anything else holds them (serve_app/stale_haproxy.py). With
+SERVE_APP_FAST_STOP=1 in HAProxy mode it stops its cluster itself on Ctrl-C and SIGTERM:
+HAProxy drains the requests in flight, then Ray stops (serve_app/stopping.py; opt-in until
+its stop times are measured: ``serve run``'s own Ctrl-C took 34 s idle).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -90,8 +94,16 @@ def main(argv: list[str] | None = None) -> int:
         kwargs = {"_temp_dir": args.ray_temp_dir} if args.ray_temp_dir else {}
         if args.num_cpus is not None:
             kwargs["num_cpus"] = args.num_cpus
+        fast_stop = os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1" \
+            and os.environ.get("SERVE_APP_FAST_STOP") == "1"  # opt-in until measured
+        if fast_stop:  # Ctrl-C reaches the whole foreground group: Ray's own processes
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherit "ignore", the runner stops them
         ray.init(address="local", namespace=SERVE_NAMESPACE,
                  _metrics_export_port=args.metrics_port, **kwargs)
+        if fast_stop:  # drain at the edge, then stop Ray (serve_app/stopping.py)
+            from serve_app.stopping import Stopper
+
+            Stopper(int((config.get("http_options") or {}).get("port") or 8000)).install()
         print(f"serve_app: Ray metrics at http://127.0.0.1:{args.metrics_port}/metrics",
               flush=True)
     else:
