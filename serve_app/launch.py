@@ -37,7 +37,15 @@ from serve_app import configfile
 #: forwards HTTP straight to the ingress replicas' own servers: about 4 ms less CPU per request
 #: in the proxy and 3 ms less in the ingress (load_tests/RESULTS.md, lever L). A cluster-wide
 #: environment variable, so it cannot live in a Serve config; set it to 0 for Ray's proxy.
-RAY_CLUSTER_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
+#:
+#: In that mode Ray keeps a stopping ingress replica open for at least
+#: ``RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S`` (30 s by default), for an external load
+#: balancer that targets replicas directly to deregister it. serve_app's traffic reaches the
+#: replicas only through Ray's own HAProxy, which drops a stopping replica at its next reload
+#: (about a second) and lets its requests finish; so 5 s. The 30 s were paid by every ingress
+#: replaced in a rollout and by every stop (an idle Ctrl-C of ``make run`` took 34 s).
+RAY_CLUSTER_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1",
+                   "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5"}
 
 
 def free_port() -> int:

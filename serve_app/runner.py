@@ -57,6 +57,9 @@ def configure_haproxy(env, config: dict | None = None) -> None:
         env[haproxy_errors.BINARY_ENV] = str(haproxy_errors.install(directory))
     for name, value in haproxy_replay.REPLAY_ENV.items():
         env.setdefault(name, value)
+    from serve_app.launch import RAY_CLUSTER_ENV  # the ingress drain, as tests and k8s/ run
+    for name, value in RAY_CLUSTER_ENV.items():
+        env.setdefault(name, value)
     if config is not None and haproxy_shedding.LIMITS_ENV not in env:
         try:
             env[haproxy_shedding.LIMITS_ENV] = json.dumps(haproxy_shedding.limits(config))

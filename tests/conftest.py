@@ -56,8 +56,8 @@ def started_by_this_run() -> dict[int, str]:
 
 def pytest_sessionfinish(session, exitstatus):
     """Fail the run if a service it started outlived it (after a grace of a few seconds for
-    processes that are already stopping), and kill what is left. Under pytest-xdist only the
-    controller checks, once every worker has finished."""
+    processes that are already stopping), and kill what is left. (Under pytest-xdist only the
+    controller checks, once every worker has finished.)"""
     if hasattr(session.config, "workerinput"):
         return
     deadline = time.monotonic() + float(os.environ.get("SERVE_APP_LEAK_GRACE_S", "20"))

@@ -147,23 +147,10 @@ def _order(item) -> tuple[int, int]:
     return (1, 0)
 
 
-def cluster_group(item) -> str:
-    """The cluster an integration test runs on: "shared", or its module's (or fixture's) own.
-    Under ``pytest -n`` (pytest-xdist, ``--dist loadgroup``: ``make test``) a group's tests run
-    in one worker, in this order, so the shared cluster starts once and the tests that break
-    it still run last; groups run side by side."""
-    if item.path.name in RUN_LAST or "service" in getattr(item, "fixturenames", ()):
-        return "shared"
-    own = [f for f in OWN_CLUSTER_FIXTURES if f in getattr(item, "fixturenames", ())]
-    return f"own:{own[0] if own else item.path.name}"
-
-
 def pytest_collection_modifyitems(session, config, items):
+    """Own-cluster tests first, then the shared cluster's, the tests that break it last; the
+    order within a module is kept, and tests outside this folder keep theirs, before these."""
     here = Path(__file__).parent
-    ours = [item for item in items if here in item.path.parents]
-    for item in ours:
-        item.add_marker(pytest.mark.xdist_group(cluster_group(item)))
-    # stable: the order within a module is kept, and tests outside this folder keep theirs
-    ours.sort(key=_order)
+    ours = sorted((item for item in items if here in item.path.parents), key=_order)
     others = [item for item in items if here not in item.path.parents]
     items[:] = others + ours

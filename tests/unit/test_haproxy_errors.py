@@ -93,3 +93,19 @@ def test_runner_installs_the_wrapper_only_in_haproxy_mode_and_never_over_a_choic
     off = {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
     runner.configure_haproxy(off)
     assert haproxy_errors.BINARY_ENV not in off
+
+
+def test_make_run_drains_a_stopping_ingress_for_5_s_not_rays_30(tmp_path, monkeypatch):
+    """HAProxy is the only way in, and it drops a stopping replica at its next reload: Ray's
+    30 s wait for an external load balancer is paid by every rollout and stop for nothing."""
+    from serve_app import runner
+    from serve_app.launch import RAY_CLUSTER_ENV
+
+    drain = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"
+    monkeypatch.setattr(haproxy_errors, "install", lambda d: tmp_path / "haproxy")
+    env = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
+    runner.configure_haproxy(env)
+    assert env[drain] == RAY_CLUSTER_ENV[drain] == "5"
+    chosen = {"RAY_SERVE_ENABLE_HA_PROXY": "1", drain: "30"}
+    runner.configure_haproxy(chosen)
+    assert chosen[drain] == "30"
