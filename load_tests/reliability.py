@@ -40,6 +40,7 @@ from load_tests.client import run_load, run_open_loop
 from load_tests.closed_loop import CLIENT_TIMEOUT_S, Load, summary
 from load_tests.haproxy_stats import backend_counters
 from load_tests.photos import photos_jpeg
+from load_tests.polling import wait_for
 from load_tests.processes import cpu_seconds, memory_mib, replica_pids
 from load_tests.sampling import ServeStatusClient, dashboard_url_from_log, parse_applications
 from serve_app import configfile
@@ -79,23 +80,8 @@ def app_config(svc, app: str = APP) -> dict:
     return next(a for a in svc.config["applications"] if a["name"] == app)
 
 
-def status(svc, app: str = APP) -> ServeStatusClient:
-    """Serve's status API of ``svc``'s cluster, for one application."""
-    return ServeStatusClient(dashboard_url_from_log(svc.log_path.read_text()), app)
-
-
 def pids_of(svc, deployment: str, app: str = APP) -> set[int]:
     return {p for p, d in replica_pids(svc.proc.pid, app).items() if d == deployment}
-
-
-def _wait(predicate: Callable[[], object], timeout_s: float, what: str, interval_s: float = 0.3):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval_s)
-    raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}")
 
 
 def _serving_again(answers: list, since: float, clients: int) -> bool:
@@ -124,9 +110,9 @@ def kill_under_load(svc, deployment: str, lengths: Lengths = TEST, clients: int 
         if deployment == "Ingress":
             time.sleep(0.3)  # HAProxy retries at once; its counters reset when Ray reloads it
             fault["haproxy"] = backend_counters(svc, app)
-        fault["replaced"] = _wait(lambda: pids_of(svc, deployment, app) - victims,
+        fault["replaced"] = wait_for(lambda: pids_of(svc, deployment, app) - victims,
                                   lengths.recover_within_s, f"a new {deployment} replica")
-        _wait(lambda: _serving_again(load.answers, fault["at"], clients),
+        wait_for(lambda: _serving_again(load.answers, fault["at"], clients),
               lengths.recover_within_s, "the clients served again")
         time.sleep(lengths.after_s)
 
@@ -187,9 +173,9 @@ def kill_ingress_under_client(svc, lengths: Lengths = TEST, clients: int = 8,
             os.kill(victim, signal.SIGKILL)
             time.sleep(0.3)
             replays = backend_counters(svc, app)
-            _wait(lambda: pids_of(svc, "Ingress", app) - victims, lengths.recover_within_s,
+            wait_for(lambda: pids_of(svc, "Ingress", app) - victims, lengths.recover_within_s,
                   "a new Ingress replica")
-            _wait(lambda: sum(t > killed_at and o == "served" for t, o in outcomes[-clients:])
+            wait_for(lambda: sum(t > killed_at and o == "served" for t, o in outcomes[-clients:])
                   == clients, lengths.recover_within_s, "the clients served again")
             time.sleep(max(lengths.after_s, lengths.at_least_s - (time.monotonic() - began)))
         finally:
@@ -214,7 +200,7 @@ def wedge(svc, wedge_file: Path, lengths: Lengths = TEST, app: str = APP) -> dic
     wedged_at = time.monotonic()
     replaced_s = serving_s = None
     try:
-        _wait(lambda: pids_of(svc, "Classifier", app) - victims
+        wait_for(lambda: pids_of(svc, "Classifier", app) - victims
               and not pids_of(svc, "Classifier", app) & victims,
               lengths.recover_within_s, "the wedged classifiers replaced")
         replaced_s = time.monotonic() - wedged_at
@@ -223,7 +209,7 @@ def wedge(svc, wedge_file: Path, lengths: Lengths = TEST, app: str = APP) -> dic
             r = httpx.post(url, content=body, headers={"Content-Type": "image/jpeg"},
                            timeout=CLIENT_TIMEOUT_S)
             return r.status_code == 200
-        _wait(served, lengths.recover_within_s, "a request served after the wedge")
+        wait_for(served, lengths.recover_within_s, "a request served after the wedge")
         serving_s = time.monotonic() - wedged_at
     finally:
         wedge_file.unlink(missing_ok=True)
@@ -298,7 +284,7 @@ def overload(svc, lengths: Lengths = TEST, factor: float = 3.0, app: str = APP) 
         r = httpx.post(url, content=payloads[0], headers={"Content-Type": "image/jpeg"},
                        timeout=CLIENT_TIMEOUT_S)
         return (time.perf_counter() - t) * 1000 if r.status_code == 200 else None
-    first_ms = _wait(first_served, lengths.recover_within_s, "a request served after the load")
+    first_ms = wait_for(first_served, lengths.recover_within_s, "a request served after the load")
     recovered_s = time.monotonic() - load_ended
     rss_mid = rss_samples[len(rss_samples) // 2 - 1] if rss_samples else {}
     rss_after = memory_mib(pids)
@@ -361,8 +347,8 @@ def deploy(svc, config: dict, lengths: Lengths = TEST, app: str = APP) -> float:
     if done.returncode != 0:
         raise RuntimeError(done.stdout + done.stderr)
     svc.deployed = config
-    _wait(lambda: _settled(client, before, app), lengths.recover_within_s * 2,
-          f"{app} settled after the deploy", interval_s=0.5)
+    wait_for(lambda: _settled(client, before, app), lengths.recover_within_s * 2,
+             f"{app} settled after the deploy", interval_s=0.5)
     return time.monotonic() - started
 
 

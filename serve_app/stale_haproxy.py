@@ -197,6 +197,16 @@ class PortTaken(RuntimeError):
     pass
 
 
+def alive(pid: int) -> bool:
+    """Alive and not a zombie (a zombie holds no socket)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rfind(")") + 2:].split()[0] != "Z"
+
+
 def _still_same(pid: int, cmdline: tuple[str, ...]) -> bool:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:

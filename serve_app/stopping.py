@@ -57,15 +57,6 @@ def cluster_haproxies(http_port: int, procs: Optional[dict] = None,
                   and stale_haproxy.is_serve_app_haproxy(p.cmdline, config_dir))
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-    except OSError:
-        return False
-    return stat[stat.rfind(")") + 2:].split()[0] != "Z"
-
-
 def drain_edge(http_port: int, timeout_s: float = DRAIN_TIMEOUT_S,
                interrupted: Callable[[], bool] = lambda: False,
                out: TextIO = sys.stderr) -> float:
@@ -83,9 +74,9 @@ def drain_edge(http_port: int, timeout_s: float = DRAIN_TIMEOUT_S,
             os.kill(pid, signal.SIGUSR1)  # HAProxy's soft stop
         except ProcessLookupError:
             pass
-    while any(_alive(pid) for pid in pids):
+    while any(stale_haproxy.alive(pid) for pid in pids):
         if time.monotonic() - start > timeout_s or interrupted():
-            left = [pid for pid in pids if _alive(pid)]
+            left = [pid for pid in pids if stale_haproxy.alive(pid)]
             print(f"serve_app: stopping with requests still in flight (HAProxy {left})",
                   file=out, flush=True)
             break

@@ -27,7 +27,7 @@ from serve_app.launch import free_port, http_get, prepare_config
 from tests.conftest import CONFIGS, encode
 from tests.integration.autoscaler_cluster import FakeProviderCluster, fake_node_types
 from load_tests.closed_loop import Load, summary
-from tests.integration.polling import wait_for
+from load_tests.polling import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

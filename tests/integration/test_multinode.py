@@ -30,7 +30,7 @@ from serve_app.launch import (RAY_CLUSTER_ENV, PortBlock, cluster_env, free_port
                               prepare_config)
 from tests.conftest import CONFIGS, encode
 from load_tests.closed_loop import Load, summary
-from tests.integration.polling import wait_for
+from load_tests.polling import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -34,16 +34,6 @@ def _tiny(config: dict) -> None:
         entry["num_replicas"] = 1
 
 
-def _alive(pid: int) -> bool:
-    """Alive and not a zombie (a zombie holds no socket)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-    except OSError:
-        return False
-    return stat[stat.rfind(")") + 2:].split()[0] != "Z"
-
-
 def _haproxy_on(port: int) -> stale_haproxy.Proc:
     """The serve_app HAProxy listening on ``port`` (a few tries: a reload may be handing the
     socket over)."""
@@ -63,7 +53,7 @@ def _session(sid: int) -> set[int]:
     found = set()
     for pid in stale_haproxy._pids():
         try:
-            if os.getsid(pid) == sid and _alive(pid):
+            if os.getsid(pid) == sid and stale_haproxy.alive(pid):
                 found.add(pid)
         except OSError:
             pass
@@ -71,7 +61,7 @@ def _session(sid: int) -> set[int]:
 
 
 def _kill(pid, cmdline=None) -> None:
-    if pid is None or not _alive(pid):
+    if pid is None or not stale_haproxy.alive(pid):
         return
     if cmdline is not None and not stale_haproxy._still_same(pid, cmdline):
         return
@@ -138,14 +128,14 @@ def test_a_stale_haproxy_on_the_port_is_stopped_by_the_next_start(first):
             time.sleep(0.2)
         for pid in left:  # one that lingers (twice in a full run: a worker of the dead
             _kill(pid)  # cluster after 30 s) is not what is under test: the HAProxy is
-        assert _alive(haproxy.pid) and _haproxy_on(port).pid == haproxy.pid
+        assert stale_haproxy.alive(haproxy.pid) and _haproxy_on(port).pid == haproxy.pid
         first.stop()  # only its log and replica-port block: its processes are gone
 
         second = ServeProcess(CONFIGS / "local.yaml", port=port, edit=_tiny, ready_path="/healthz")
         second.start(attempts=1)
         assert second.port == port
         assert http_get(second.url + "/healthz")[0] == 200
-        assert not _alive(haproxy.pid), "the stale HAProxy still runs"
+        assert not stale_haproxy.alive(haproxy.pid), "the stale HAProxy still runs"
         assert f"stopped a stale HAProxy (PID {haproxy.pid})" in second.log_path.read_text()
         assert _haproxy_on(port).ppid != manager
     finally:

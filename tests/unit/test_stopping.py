@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 
-from serve_app import stopping
+from serve_app import stale_haproxy, stopping
 from serve_app.launch import free_port
 from serve_app.stale_haproxy import Proc
 
@@ -68,7 +68,7 @@ def test_drain_edge_soft_stops_haproxy_and_waits_for_it(tmp_path):
         out = io.StringIO()
         waited = stopping.drain_edge(port, timeout_s=10, out=out)
         assert 0.4 < waited < 5, waited
-        assert not stopping._alive(pid)
+        assert not stale_haproxy.alive(pid)
         assert f"HAProxy (PID {pid})" in out.getvalue()
         assert stopping.drain_edge(port, out=out) == 0.0  # nothing left to drain
     finally:
