@@ -124,8 +124,7 @@ def client(service):
 #: Modules that start clusters of their own: they run before the shared cluster starts (it
 #: stays up until the package ends and would share the cores with them).
 RUN_FIRST = ("test_multinode.py", "test_autoscaler.py", "test_autoscaling.py",
-             "test_bench_smoke.py",
-             "test_hops_smoke.py", "test_start_and_stop.py",
+             "test_bench_smoke.py", "test_hops_smoke.py", "test_start_and_stop.py",
              "test_haproxy_rules.py")
 #: Modules that break or change the shared service: after every test that only uses it, the
 #: redeploys (which leave another config deployed) last.
