@@ -1,4 +1,5 @@
-"""A real Serve cluster on loopback, started from configs/local.yaml by `serve run`.
+"""A real Serve cluster on loopback, started from configs/local.yaml by `serve run` (its model
+served eager: no compile in the background of the run).
 
 Besides the default application at "/", the test config adds two small applications to the
 same cluster (one cluster start instead of three):
@@ -87,6 +88,10 @@ def _simulated_app(name: str, profile: dict) -> dict:
 def _add_test_apps(config: dict) -> None:
     base = config["applications"][0]
     base["args"]["log_requests"] = True
+    # Eager: on a new machine the compiled model would build in the background through the
+    # whole run (a minute and more of CPU beside the tests); building, loading and swapping it
+    # in are tests/unit/test_artifacts.py's.
+    base["args"]["model"]["compile"] = False
     exact = _small_app(base, "exact", {"name": "resnet18", "weights": None})
     exact["logging_config"] = {"encoding": "JSON", "enable_access_log": False}
     config["applications"].append(exact)

@@ -16,8 +16,6 @@ import json
 import pytest
 
 from load_tests import reliability
-from serve_app import configfile
-from tests.conftest import CONFIGS
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -36,7 +34,7 @@ def test_a_changed_user_config_reconfigures_under_load_without_a_failure(service
 @pytest.mark.parametrize("to", ["efficientnet_lite2", "back"])
 def test_a_changed_model_rolls_out_under_load_without_a_failure(service, to):
     model = reliability.OTHER_MODEL if to != "back" else \
-        configfile.load(CONFIGS / "local.yaml")["applications"][0]["args"]["model"]
+        reliability.app_config(service)["args"]["model"]  # what the shared cluster started with
     report, answers = reliability.redeploy_model(service, model)
     print(f"redeploy model -> {model['name']}:", json.dumps(report))
     _assert_nothing_failed(report, answers)
