@@ -76,8 +76,18 @@ def bodies() -> list[bytes]:
     return [jpeg for _, jpeg in photos_jpeg()]
 
 
+def application(config: dict, app: str = APP) -> dict:
+    """The entry of ``config``'s applications named ``app``."""
+    return next(a for a in config["applications"] if a["name"] == app)
+
+
 def app_config(svc, app: str = APP) -> dict:
-    return next(a for a in svc.config["applications"] if a["name"] == app)
+    return application(svc.config, app)
+
+
+def app_url(svc, app: str = APP) -> str:
+    """``svc``'s address of ``app`` (its route prefix, no trailing slash)."""
+    return f"{svc.url}{app_config(svc, app)['route_prefix'].rstrip('/')}"
 
 
 def pids_of(svc, deployment: str, app: str = APP) -> set[int]:
@@ -97,7 +107,7 @@ def kill_under_load(svc, deployment: str, lengths: Lengths = TEST, clients: int 
     """SIGKILL ``deployment``'s replica ``lengths.before_s`` into a closed-loop load of
     ``clients``; the load goes on until a replacement runs and the clients are served again
     (then ``after_s`` more). The report and every answer."""
-    url = f"{svc.url}{app_config(svc, app)['route_prefix'].rstrip('/')}/v1/classify"
+    url = f"{app_url(svc, app)}/v1/classify"
     load = Load(url, bodies(), clients)
     victims = pids_of(svc, deployment, app)
     victim = min(victims)
@@ -143,7 +153,7 @@ def kill_ingress_under_client(svc, lengths: Lengths = TEST, clients: int = 8,
     user of the client sees (every outcome), and how many attempts it resent."""
     from serve_app.client import Client, RetryPolicy
 
-    url = f"{svc.url}{app_config(svc, app)['route_prefix'].rstrip('/')}"
+    url = app_url(svc, app)
     payloads = bodies()
     victims = pids_of(svc, "Ingress", app)
     victim = min(victims)
@@ -193,7 +203,7 @@ def wedge(svc, wedge_file: Path, lengths: Lengths = TEST, app: str = APP) -> dic
     """Every Classifier replica's forward pass made to hang (its process alive), no traffic:
     only the health check, which runs the model, can tell. Seconds until each was replaced and
     a request served."""
-    url = f"{svc.url}{app_config(svc, app)['route_prefix'].rstrip('/')}/v1/classify"
+    url = f"{app_url(svc, app)}/v1/classify"
     body = bodies()[0]
     victims = pids_of(svc, "Classifier", app)
     wedge_file.write_text("".join(f"{p}\n" for p in victims))
@@ -249,7 +259,7 @@ def overload(svc, lengths: Lengths = TEST, factor: float = 3.0, app: str = APP) 
     after. The report and the open-loop result (every refusal's key, with one of each looked
     at whole: ``examples``)."""
     cfg = app_config(svc, app)
-    url = f"{svc.url}{cfg['route_prefix'].rstrip('/')}/v1/classify"
+    url = f"{app_url(svc, app)}/v1/classify"
     payloads = bodies()
     run_load(url, payloads, 4, 2.0, warmup_s=0.0, max_requests=100)  # every batch path warm
     normal_ms = _normal_ms(url, payloads[0], 5)
@@ -358,8 +368,7 @@ def deployed(svc) -> dict:
 
 
 def deployment_entry(config: dict, name: str, app: str = APP) -> dict:
-    entry = next(a for a in config["applications"] if a["name"] == app)
-    return next(d for d in entry["deployments"] if d["name"] == name)
+    return configfile.deployment_options(application(config, app), name)
 
 
 def under_load(svc, change: Callable[[], float], lengths: Lengths = TEST,
@@ -367,7 +376,7 @@ def under_load(svc, change: Callable[[], float], lengths: Lengths = TEST,
     """``change()`` (a deploy, returning its settle time) ``before_s`` into a load of
     ``lengths.redeploy_clients``, which goes on ``after_s`` past the settled service. Report,
     answers, when the change began."""
-    url = f"{svc.url}{app_config(svc, app)['route_prefix'].rstrip('/')}/v1/classify"
+    url = f"{app_url(svc, app)}/v1/classify"
     load = Load(url, bodies(), lengths.redeploy_clients)
     at: dict = {}
 
@@ -400,7 +409,7 @@ def redeploy_model(svc, model: dict, lengths: Lengths = TEST, app: str = APP) ->
     the old replicas stop, ``max_surge_percent``). ``after_settled`` lists the models that
     answered once the rollout settled."""
     config = deployed(svc)
-    next(a for a in config["applications"] if a["name"] == app)["args"]["model"] = model
+    application(config, app)["args"]["model"] = model
     report, answers, at = under_load(svc, lambda: deploy(svc, config, lengths, app), lengths,
                                      app=app)
     new = model["name"]

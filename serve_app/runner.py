@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         if fast_stop:  # drain at the edge, then stop Ray (serve_app/stopping.py)
             from serve_app.stopping import Stopper
 
-            Stopper(int((config.get("http_options") or {}).get("port") or 8000)).install()
+            Stopper(stale_haproxy.http_port(config)).install()
         print(f"serve_app: Ray metrics at http://127.0.0.1:{args.metrics_port}/metrics",
               flush=True)
     else:

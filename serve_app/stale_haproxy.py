@@ -129,6 +129,15 @@ def _pids() -> list[int]:
     return [int(entry) for entry in os.listdir("/proc") if entry.isdigit()]
 
 
+def _fields(stat: str) -> list[str]:
+    """A /proc/PID/stat line's fields after the parenthesised command name: state, ppid, ..."""
+    return stat[stat.rfind(")") + 2:].split()
+
+
+def _cmdline(raw: bytes) -> tuple[str, ...]:
+    return tuple(a.decode(errors="replace") for a in raw.split(b"\0") if a)
+
+
 def _read_procs() -> dict[int, Proc]:
     procs = {}
     for entry in _pids():
@@ -139,11 +148,10 @@ def _read_procs() -> dict[int, Proc]:
                 raw = f.read()
         except OSError:
             continue
-        fields = stat[stat.rfind(")") + 2:].split()
+        fields = _fields(stat)
         if not fields or fields[0] == "Z":  # a zombie holds no socket
             continue
-        cmdline = tuple(a.decode(errors="replace") for a in raw.split(b"\0") if a)
-        procs[int(entry)] = Proc(int(entry), int(fields[1]), cmdline)
+        procs[int(entry)] = Proc(int(entry), int(fields[1]), _cmdline(raw))
     return procs
 
 
@@ -201,21 +209,18 @@ def alive(pid: int) -> bool:
     """Alive and not a zombie (a zombie holds no socket)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
+            return _fields(f.read())[:1] != ["Z"]
     except OSError:
         return False
-    return stat[stat.rfind(")") + 2:].split()[0] != "Z"
 
 
 def _still_same(pid: int, cmdline: tuple[str, ...]) -> bool:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            now = tuple(a.decode(errors="replace") for a in f.read().split(b"\0") if a)
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read().decode(errors="replace")
+            now = _cmdline(f.read())
     except OSError:
         return False
-    return now == cmdline and stat[stat.rfind(")") + 2:].split()[0] != "Z"
+    return now == cmdline and alive(pid)
 
 
 def stop(holder: Holder, timeout_s: float = 5.0) -> None:
@@ -268,13 +273,17 @@ def clear_ports(ports: list[Port], environ=os.environ, out=sys.stdout) -> list[i
     return stopped
 
 
+def http_port(config: dict) -> int:
+    """The HTTP port of a Serve config (Serve's default 8000)."""
+    return int((config.get("http_options") or {}).get("port") or 8000)
+
+
 def service_ports(config: dict, environ=os.environ) -> list[Port]:
     """The ports the runner's cluster will bind: the HTTP port of ``config`` (Serve's default
     8000), and in HAProxy mode HAProxy's stats and metrics ports (required where the
     environment sets them; Ray's defaults, shared by every cluster that keeps them, are only
     cleared of a stale HAProxy)."""
-    http = (config.get("http_options") or {}).get("port") or 8000
-    ports = [Port(int(http), "http_options.port")]
+    ports = [Port(http_port(config), "http_options.port")]
     if environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":
         for name, default in (("RAY_SERVE_HAPROXY_STATS_PORT", DEFAULT_STATS_PORT),
                               ("RAY_SERVE_HAPROXY_METRICS_PORT", DEFAULT_METRICS_PORT)):

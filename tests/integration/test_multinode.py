@@ -25,7 +25,7 @@ from ray.cluster_utils import Cluster
 from ray.serve._private import api as serve_private_api
 from ray.serve.schema import ServeDeploySchema
 
-from serve_app import placement
+from serve_app import configfile, placement
 from serve_app.launch import (RAY_CLUSTER_ENV, PortBlock, cluster_env, free_ports, http_get,
                               prepare_config)
 from tests.conftest import CONFIGS, encode
@@ -190,13 +190,12 @@ def test_four_quarter_gpu_classifiers_fill_the_survivors_gpu_and_a_fifth_waits(c
     """After the kill above: one GPU node left, four classifiers on it. A fifth, asked for with
     the classifier's ray_actor_options exactly as gpu.yaml writes them, stays STARTING."""
     _, nodes, config = cluster
-    classifier = next(d for d in config["applications"][0]["deployments"]
-                      if d["name"] == "Classifier")
+    classifier = configfile.deployment_options(config["applications"][0], "Classifier")
     assert classifier["ray_actor_options"]["num_gpus"] == 0.25
     assert ray.cluster_resources()["GPU"] == 1 and ray.available_resources().get("GPU", 0) == 0
     five = copy.deepcopy(config)
-    next(d for d in five["applications"][0]["deployments"]
-         if d["name"] == "Classifier")["num_replicas"] = CLASSIFIERS + 1
+    configfile.deployment_options(five["applications"][0], "Classifier")["num_replicas"] = \
+        CLASSIFIERS + 1
     serve.context._get_global_client().deploy_apps(ServeDeploySchema.model_validate(five),
                                                    _blocking=False)
 
